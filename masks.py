@@ -1,0 +1,138 @@
+"""Pure helpers for binary masks: COCO run-length encoding, area, bounding box, PNG.
+
+COCO RLE (what SAM2 and pycocotools speak): column-major runs, alternating 0-runs and 1-runs,
+starting with a 0-run; the compressed form packs the counts into an ASCII string.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from errors import InvalidInput
+
+
+def bbox_of(mask: np.ndarray) -> list[int]:
+    """[x, y, w, h] of the pixel extent (w, h count pixels); [0, 0, 0, 0] for an empty mask."""
+    cols = np.flatnonzero(mask.any(axis=0))
+    if cols.size == 0:
+        return [0, 0, 0, 0]
+    rows = np.flatnonzero(mask[:, cols[0] : cols[-1] + 1].any(axis=1))
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def runs_of(mask: np.ndarray, bbox: list[int] | None = None) -> list[int]:
+    """Column-major run lengths of a 2-D boolean mask, starting with a 0-run."""
+    h, w = mask.shape
+    if bbox is None:
+        bbox = bbox_of(mask)
+    x, _, bw, _ = bbox
+    if bw == 0:
+        return [h * w]
+    # Only the columns inside the box need the (costly) transpose; outside them all is 0.
+    flat = np.ascontiguousarray(mask[:, x : x + bw].T).ravel().view(np.uint8)
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    edges = np.concatenate(([0], change, [flat.size]))
+    counts = np.diff(edges).tolist()
+    if flat[0]:
+        counts.insert(0, 0)
+    counts[0] += x * h
+    trailing = (w - x - bw) * h
+    if trailing:
+        if len(counts) % 2 == 1:  # ends on a 0-run
+            counts[-1] += trailing
+        else:
+            counts.append(trailing)
+    return counts
+
+
+def counts_to_string(counts: list[int]) -> str:
+    """pycocotools' rleToString: LEB128-like 5-bit groups, deltas against counts[i-2]."""
+    out = []
+    for i, x in enumerate(counts):
+        if i > 2:
+            x -= counts[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+def string_to_counts(s: str) -> list[int]:
+    """pycocotools' rleFrString."""
+    counts: list[int] = []
+    p, n = 0, len(s)
+    try:
+        while p < n:
+            x = k = 0
+            more = True
+            while more:
+                c = ord(s[p]) - 48
+                if c < 0 or c > 63:
+                    raise ValueError
+                x |= (c & 0x1F) << (5 * k)
+                more = bool(c & 0x20)
+                p += 1
+                k += 1
+                if not more and (c & 0x10):
+                    x |= -1 << (5 * k)
+            if len(counts) > 2:
+                x += counts[-2]
+            counts.append(x)
+    except (IndexError, ValueError):
+        raise InvalidInput("The mask's RLE string is corrupt.") from None
+    return counts
+
+
+def encode(mask: np.ndarray) -> dict:
+    """Boolean HxW mask → COCO compressed RLE `{"size": [h, w], "counts": str}`."""
+    h, w = mask.shape
+    return {"size": [int(h), int(w)], "counts": counts_to_string(runs_of(mask.astype(bool, copy=False)))}
+
+
+def decode_counts(counts: list[int], size: list[int] | tuple[int, int]) -> np.ndarray:
+    """Uncompressed column-major counts → boolean HxW mask (validated against the size)."""
+    h, w = int(size[0]), int(size[1])
+    arr = np.asarray(counts, dtype=np.int64)
+    if arr.ndim != 1 or (arr < 0).any() or int(arr.sum()) != h * w:
+        raise InvalidInput(
+            f"The mask's run lengths add up to {int(arr.sum()) if arr.ndim == 1 else '?'} pixels, "
+            f"but its size {h}x{w} has {h * w}."
+        )
+    values = np.zeros(arr.size, dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, arr)
+    return flat.reshape(w, h).T
+
+
+def decode(rle: dict) -> np.ndarray:
+    """COCO RLE (compressed string or integer list counts) → boolean HxW mask."""
+    try:
+        size = rle["size"]
+        counts = rle["counts"]
+    except (KeyError, TypeError):
+        raise InvalidInput("A mask RLE needs 'size' and 'counts'.") from None
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    if isinstance(counts, str):
+        counts = string_to_counts(counts)
+    return decode_counts(counts, size)
+
+
+def area_of_counts(counts: list[int]) -> int:
+    return int(sum(counts[1::2]))
+
+
+def to_png(mask: np.ndarray) -> bytes:
+    """Boolean mask → PNG bytes, 0 outside and 255 inside (greyscale)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

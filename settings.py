@@ -1,0 +1,181 @@
+"""One frozen Settings, read once from the environment (and a `.env` file) at start-up.
+
+No side effects at import: nothing is created and nothing is contacted here. Tests build
+`Settings(...)` directly; `Settings.from_env()` is what app.py uses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from errors import InvalidInput
+
+ENGINE_BUILTIN = "built-in classical segmenter (offline)"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Server
+    host: str = "127.0.0.1"
+    port: int = 7860
+    data_dir: Path = Path("data")
+    # Limits on what people send
+    max_image_pixels: int = 40_000_000
+    max_upload_mb: int = 50
+    max_masks: int = 128
+    # External SAM2 service (unset: the built-in segmenter runs)
+    sam_api_url: str | None = None
+    sam_api_token: str | None = field(default=None, repr=False)
+    sam_api_timeout: float = 150.0
+    sam_api_segment_path: str = "/segment"
+    sam_api_protocol: str = "mask-studio"
+    sam_max_side: int = 2048
+    sam_api_retries: int = 2
+    sam_mask_url_hosts: tuple[str, ...] = ()
+    # S3 (unset bucket: mask_url stays null)
+    s3_bucket: str | None = None
+    aws_region: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_prefix: str = "sam2-api-masks/"
+    s3_url_mode: str = "public"
+    s3_public_base_url: str | None = None
+    s3_presign_seconds: int = 3600
+    s3_object_acl: str | None = None
+    s3_upload_originals: bool = False
+    # Ownership and abuse limits
+    auth_mode: str = "open"
+    app_api_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
+    segment_rate_limit: int = 0
+    max_images_per_owner: int = 0
+    retention_days: float = 0.0
+    # On a Hugging Face Space (SPACE_ID set) or when asked: show the HF sign-in button
+    hf_login: bool = False
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "mask_studio.db"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def engine_name(self) -> str:
+        return f"SAM2 service at {self.sam_api_url}" if self.sam_api_url else ENGINE_BUILTIN
+
+    def with_(self, **changes) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, dotenv_path: str | Path | None = ".env") -> Settings:
+        """Build settings from `env` (default: os.environ), with a `.env` file filling in what is unset."""
+        values: dict[str, str] = {}
+        if dotenv_path is not None and Path(dotenv_path).is_file():
+            from dotenv import dotenv_values
+
+            values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        values.update(os.environ if env is None else env)
+        return cls(**_parse(values))
+
+
+def _get(env: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = env.get(name)
+        if value is not None and value.strip() != "":
+            return value.strip()
+    return None
+
+
+def _number(env: Mapping[str, str], kind, names: tuple[str, ...], minimum: float = 0):
+    raw = _get(env, *names)
+    if raw is None:
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidInput(f"{names[0]} must be a number, got {raw!r}.", title="Configuration error") from None
+    if value < minimum:
+        raise InvalidInput(f"{names[0]} must be at least {minimum}, got {raw!r}.", title="Configuration error")
+    return value
+
+
+def _bool(raw: str | None) -> bool | None:
+    if raw is None:
+        return None
+    return raw.lower() in {"1", "true", "yes", "on"}
+
+
+def _api_keys(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """`APP_API_KEYS="alice:KEY1,bob:KEY2"` → ((owner, key), ...)."""
+    if not raw:
+        return ()
+    pairs = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        owner, sep, key = item.partition(":")
+        if not sep or not owner.strip() or not key.strip():
+            raise InvalidInput(
+                "APP_API_KEYS must look like 'owner1:key1,owner2:key2'.", title="Configuration error"
+            )
+        pairs.append((owner.strip(), key.strip()))
+    return tuple(pairs)
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str | None:
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    if raw.lower() not in allowed:
+        raise InvalidInput(f"{name} must be one of {', '.join(allowed)}; got {raw!r}.", title="Configuration error")
+    return raw.lower()
+
+
+def _parse(env: Mapping[str, str]) -> dict:
+    out: dict = {
+        "host": _get(env, "HOST", "GRADIO_SERVER_NAME"),
+        "port": _number(env, int, ("PORT", "GRADIO_SERVER_PORT"), 1),
+        "data_dir": Path(p) if (p := _get(env, "DATA_DIR")) else None,
+        "max_image_pixels": _number(env, int, ("MAX_IMAGE_PIXELS",), 1),
+        "max_upload_mb": _number(env, int, ("MAX_UPLOAD_MB",), 1),
+        "max_masks": _number(env, int, ("MAX_MASKS",), 1),
+        "sam_api_url": (u.rstrip("/") if (u := _get(env, "SAM_API_URL")) else None),
+        "sam_api_token": _get(env, "SAM_API_TOKEN"),
+        "sam_api_timeout": _number(env, float, ("SAM_API_TIMEOUT",), 0.001),
+        "sam_api_segment_path": _get(env, "SAM_API_SEGMENT_PATH"),
+        "sam_api_protocol": _choice(env, "SAM_API_PROTOCOL", ("mask-studio", "cog", "replicate")),
+        "sam_max_side": _number(env, int, ("SAM_MAX_SIDE",), 16),
+        "sam_api_retries": _number(env, int, ("SAM_API_RETRIES",), 0),
+        "sam_mask_url_hosts": tuple(
+            h.strip().lower() for h in (_get(env, "SAM_MASK_URL_HOSTS") or "").split(",") if h.strip()
+        )
+        or None,
+        "s3_bucket": _get(env, "S3_BUCKET_NAME_STAGING", "S3_BUCKET"),
+        "aws_region": _get(env, "AWS_REGION", "AWS_DEFAULT_REGION"),
+        "s3_endpoint_url": _get(env, "S3_ENDPOINT_URL"),
+        "s3_prefix": _get(env, "S3_PREFIX"),
+        "s3_url_mode": _choice(env, "S3_URL_MODE", ("public", "presigned")),
+        "s3_public_base_url": (u.rstrip("/") if (u := _get(env, "S3_PUBLIC_BASE_URL")) else None),
+        "s3_presign_seconds": _number(env, int, ("S3_PRESIGN_SECONDS",), 1),
+        "s3_object_acl": _get(env, "S3_OBJECT_ACL"),
+        "s3_upload_originals": _bool(_get(env, "S3_UPLOAD_ORIGINALS")),
+        "auth_mode": _choice(env, "AUTH_MODE", ("open", "keys")),
+        "app_api_keys": _api_keys(_get(env, "APP_API_KEYS")) or None,
+        "admin_api_key": _get(env, "ADMIN_API_KEY"),
+        "segment_rate_limit": _number(env, int, ("SEGMENT_RATE_LIMIT",), 0),
+        "max_images_per_owner": _number(env, int, ("MAX_IMAGES_PER_OWNER",), 0),
+        "retention_days": _number(env, float, ("RETENTION_DAYS",), 0),
+        "hf_login": _bool(_get(env, "HF_LOGIN")) or (True if _get(env, "SPACE_ID") else None),
+    }
+    known = {f.name for f in fields(Settings)}
+    assert set(out) <= known
+    return {k: v for k, v in out.items() if v is not None}
