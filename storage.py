@@ -1,7 +1,8 @@
-"""Blob stores: where the original images (and, with S3, the mask PNGs) live.
+"""Storage: images and masks in SQLite (through sqlite-utils), and blob stores for the bytes.
 
-`BlobStore` is the interface; `LocalBlobStore` keeps blobs as files under one folder, written
-atomically (temp file + rename) so a crash never leaves a half-written blob under its final name.
+`BlobStore` is the interface for bytes (original images; mask PNGs when S3 is configured);
+`LocalBlobStore` keeps blobs as files under one folder, written atomically (temp file + rename)
+so a crash never leaves a half-written blob under its final name.
 """
 
 from __future__ import annotations
