@@ -7,14 +7,22 @@ so a crash never leaves a half-written blob under its final name.
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import os
 import re
+import secrets
+import sqlite3
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from errors import NotFound, StorageError
+import sqlite_utils
+
+from errors import Conflict, InvalidInput, NotFound, StorageError
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,255}$")
 
@@ -84,3 +92,279 @@ class LocalBlobStore:
                     p.unlink(missing_ok=True)  # leftover of a write interrupted by a crash
                     continue
                 yield rel
+
+
+# --------------------------------------------------------------------------------------------
+# SQLite: images and their masks
+# --------------------------------------------------------------------------------------------
+
+
+IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+ID_RULE = "1–64 characters: letters, digits, '_' or '-', starting with a letter or digit"
+
+
+def new_image_id(now: _dt.datetime | None = None) -> str:
+    """`img_YYYYMMDD_HHMMSS_<8 hex>`, the old backend's form."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return f"img_{now:%Y%m%d_%H%M%S}_{secrets.token_hex(4)}"
+
+
+def check_image_id(image_id: object) -> str:
+    """A caller's image id, validated; the error says what an id may look like."""
+    if not isinstance(image_id, str) or not IMAGE_ID.match(image_id):
+        shown = repr(image_id) if len(repr(image_id)) <= 80 else repr(image_id)[:77] + "..."
+        raise InvalidInput(f"Image id {shown} is not valid: use {ID_RULE}.")
+    return image_id
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    id: str
+    owner: str
+    width: int
+    height: int
+    created_at: str
+    engine: str
+    mask_count: int
+    blob_key: str
+
+    def summary(self) -> dict:
+        return {
+            "image_id": self.id,
+            "width": self.width,
+            "height": self.height,
+            "created_at": self.created_at,
+            "mask_count": self.mask_count,
+        }
+
+
+@dataclass(frozen=True)
+class MaskRow:
+    image_id: str
+    mask_id: int
+    counts: str
+    area: int
+    bbox: list[int]
+    predicted_iou: float | None
+    stability_score: float | None
+    point_coords: list | None
+    mask_url: str | None
+    s3_key: str | None
+    upload_state: str  # "none" (no S3), "pending" (to upload), "uploaded"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    engine TEXT NOT NULL,
+    mask_count INTEGER NOT NULL DEFAULT 0,
+    blob_key TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_owner_created ON images(owner, created_at);
+CREATE TABLE IF NOT EXISTS masks (
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    mask_id INTEGER NOT NULL,
+    counts TEXT NOT NULL,
+    area INTEGER NOT NULL,
+    bbox TEXT NOT NULL,
+    predicted_iou REAL,
+    stability_score REAL,
+    point_coords TEXT,
+    mask_url TEXT,
+    s3_key TEXT,
+    upload_state TEXT NOT NULL DEFAULT 'none',
+    PRIMARY KEY (image_id, mask_id)
+);
+CREATE INDEX IF NOT EXISTS masks_upload_state ON masks(upload_state);
+"""
+
+_IMAGE_COLS = "id, owner, width, height, created_at, engine, mask_count, blob_key"
+_MASK_COLS = (
+    "image_id, mask_id, counts, area, bbox, predicted_iou, stability_score, point_coords, "
+    "mask_url, s3_key, upload_state"
+)
+
+
+def _mask_row(r: tuple) -> MaskRow:
+    return MaskRow(
+        image_id=r[0],
+        mask_id=r[1],
+        counts=r[2],
+        area=r[3],
+        bbox=json.loads(r[4]),
+        predicted_iou=r[5],
+        stability_score=r[6],
+        point_coords=json.loads(r[7]) if r[7] else None,
+        mask_url=r[8],
+        s3_key=r[9],
+        upload_state=r[10],
+    )
+
+
+class Database:
+    """Images and masks in one SQLite file (WAL, foreign keys), one connection per thread."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with self._write_lock:
+            self.db.executescript(_SCHEMA)
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            db = self._local.db = sqlite_utils.Database(conn)
+        return db
+
+    def _q(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        try:
+            return self.db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"The database could not be read ({exc}).") from exc
+
+    def _write(self, statements: list[tuple[str, Sequence]] | None = None, many=None) -> None:
+        """Run statements in ONE transaction: all of them land, or none does."""
+        conn = self.db.conn
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for sql, params in statements or []:
+                    conn.execute(sql, params)
+                for sql, rows in many or []:
+                    conn.executemany(sql, rows)
+                conn.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                conn.execute("ROLLBACK")
+                raise Conflict(f"That record already exists ({exc}).") from exc
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StorageError(f"The database could not be written ({exc}).") from exc
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    # ---- images --------------------------------------------------------------------------
+    def insert_image(self, row: ImageRow, masks: list[MaskRow]) -> None:
+        """Insert an image and its masks in one transaction (an id already taken: Conflict)."""
+        if self.image_exists(row.id):
+            raise Conflict(f"Image id {row.id!r} is already taken: choose another id, or delete that image first.")
+        try:
+            self._write(
+                [("INSERT INTO images (" + _IMAGE_COLS + ") VALUES (?,?,?,?,?,?,?,?)", _image_values(row))],
+                many=[("INSERT INTO masks (" + _MASK_COLS + ") VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                       [_mask_values(m) for m in masks])],
+            )
+        except Conflict:
+            raise Conflict(
+                f"Image id {row.id!r} is already taken: choose another id, or delete that image first."
+            ) from None
+
+    def image_exists(self, image_id: str) -> bool:
+        return bool(self._q("SELECT 1 FROM images WHERE id = ?", (image_id,)))
+
+    def get_image(self, image_id: str, owner: str | None = None) -> ImageRow:
+        """The image row; someone else's image answers exactly like an unknown id."""
+        rows = self._q(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (image_id,))
+        if not rows or (owner is not None and rows[0][1] != owner):
+            raise NotFound(f"No image with id {image_id!r}. /list_images shows the stored ones.")
+        return ImageRow(*rows[0])
+
+    def list_images(self, owner: str | None = None, limit: int = 1000) -> list[ImageRow]:
+        """Newest first; owner None lists everyone's."""
+        if owner is None:
+            rows = self._q(f"SELECT {_IMAGE_COLS} FROM images ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._q(
+                f"SELECT {_IMAGE_COLS} FROM images WHERE owner = ? ORDER BY created_at DESC, id DESC LIMIT ?",
+                (owner, limit),
+            )
+        return [ImageRow(*r) for r in rows]
+
+    def count_images(self, owner: str) -> int:
+        return self._q("SELECT count(*) FROM images WHERE owner = ?", (owner,))[0][0]
+
+    def images_older_than(self, created_before: str) -> list[ImageRow]:
+        rows = self._q(f"SELECT {_IMAGE_COLS} FROM images WHERE created_at < ?", (created_before,))
+        return [ImageRow(*r) for r in rows]
+
+    def delete_image(self, image_id: str) -> None:
+        self._write([("DELETE FROM images WHERE id = ?", (image_id,))])
+
+    def blob_keys(self) -> set[str]:
+        return {r[0] for r in self._q("SELECT blob_key FROM images")}
+
+    # ---- masks ---------------------------------------------------------------------------
+    def masks(self, image_id: str) -> list[MaskRow]:
+        rows = self._q(f"SELECT {_MASK_COLS} FROM masks WHERE image_id = ? ORDER BY mask_id", (image_id,))
+        return [_mask_row(r) for r in rows]
+
+    def add_mask(self, mask: MaskRow) -> MaskRow:
+        """Append one mask with the next free id (in one transaction with the count update)."""
+        conn = self.db.conn
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                (next_id,) = conn.execute(
+                    "SELECT coalesce(max(mask_id), -1) + 1 FROM masks WHERE image_id = ?", (mask.image_id,)
+                ).fetchone()
+                m = MaskRow(**{**mask.__dict__, "mask_id": next_id})
+                conn.execute(
+                    "INSERT INTO masks (" + _MASK_COLS + ") VALUES (?,?,?,?,?,?,?,?,?,?,?)", _mask_values(m)
+                )
+                conn.execute("UPDATE images SET mask_count = mask_count + 1 WHERE id = ?", (mask.image_id,))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StorageError(f"The database could not be written ({exc}).") from exc
+        return m
+
+    def set_mask_urls(self, image_id: str, updates: list[tuple[int, str | None, str | None, str]]) -> None:
+        """updates: (mask_id, mask_url, s3_key, upload_state)."""
+        self._write(
+            many=[(
+                "UPDATE masks SET mask_url = ?, s3_key = ?, upload_state = ? WHERE image_id = ? AND mask_id = ?",
+                [(url, key, state, image_id, mid) for mid, url, key, state in updates],
+            )]
+        )
+
+    def pending_uploads(self, limit: int = 10_000) -> list[MaskRow]:
+        rows = self._q(f"SELECT {_MASK_COLS} FROM masks WHERE upload_state = 'pending' LIMIT ?", (limit,))
+        return [_mask_row(r) for r in rows]
+
+    def integrity_ok(self) -> bool:
+        return self._q("PRAGMA integrity_check")[0][0] == "ok"
+
+
+def _image_values(r: ImageRow) -> tuple:
+    return (r.id, r.owner, r.width, r.height, r.created_at, r.engine, r.mask_count, r.blob_key)
+
+
+def _mask_values(m: MaskRow) -> tuple:
+    return (
+        m.image_id,
+        m.mask_id,
+        m.counts,
+        m.area,
+        json.dumps(m.bbox),
+        m.predicted_iou,
+        m.stability_score,
+        json.dumps(m.point_coords) if m.point_coords is not None else None,
+        m.mask_url,
+        m.s3_key,
+        m.upload_state,
+    )

@@ -1,0 +1,497 @@
+"""Mask Studio: the Gradio app. UI and API wiring only; the work is done by studio.Studio.
+
+Run it with `python app.py` (settings from the environment and `.env`; see README.md).
+Every function is also a public, named API endpoint for gradio_client (README "API").
+"""
+
+import functools
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from gradio.data_classes import FileData
+
+import imaging
+import render
+from errors import InvalidInput, MaskStudioError
+from sam2_client import make_segmenter
+from settings import Settings
+from storage import Database, LocalBlobStore
+from studio import Studio
+
+log = logging.getLogger("mask_studio")
+
+LOCAL_OWNER = "local"
+DEFAULT_COLOR = "#ff3b30"
+DEFAULT_OPACITY = 0.6
+GENERIC_ERROR = "Something unexpected went wrong; it has been logged. Please try again."
+
+
+# ---- errors: the one place where our exceptions become what people see ----------------------
+def user_errors(fn):
+    """Show MaskStudioError as gr.Error with its message; anything else as a generic error (logged)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except MaskStudioError as exc:
+            raise gr.Error(exc.message, title=exc.title) from None
+        except Exception:
+            log.exception("Unexpected error in %s", fn.__name__)
+            raise gr.Error(GENERIC_ERROR, title="Unexpected error") from None
+
+    return wrapper
+
+
+# ---- files handed to Gradio --------------------------------------------------------------------
+class Outputs:
+    """Files we hand to Gradio (composites, downloads), in one temp folder pruned as it goes."""
+
+    def __init__(self, root: Path | None = None, max_age_s: float = 3600):
+        self.root = root or Path(tempfile.gettempdir()) / "mask-studio-out"
+        self.max_age_s = max_age_s
+        self._last_prune = 0.0
+
+    def write(self, name: str, data: bytes) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._prune()
+        fd, path = tempfile.mkstemp(dir=self.root, prefix=f"{int(time.time())}-", suffix=f"-{name}")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+
+    def _prune(self) -> None:
+        now = time.time()
+        if now - self._last_prune < 60:
+            return
+        self._last_prune = now
+        for p in self.root.iterdir():
+            try:
+                if now - p.stat().st_mtime > self.max_age_s:
+                    p.unlink()
+            except OSError:
+                pass
+
+
+def _upload_bytes(image: Any) -> bytes | None:
+    """A file parameter as gr.api delivers it (a path, or a FileData-like dict) → bytes."""
+    if image is None:
+        return None
+    path = image.get("path") if isinstance(image, dict) else getattr(image, "path", image)
+    if not isinstance(path, (str, Path)):
+        raise InvalidInput("image must be an image file (use gradio_client.handle_file(path)).")
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        raise InvalidInput("The uploaded file could not be read; please upload it again.") from None
+
+
+def _checkerboard(rgba: np.ndarray, cell: int = 12) -> np.ndarray:
+    """Show transparency the way image editors do: over a light grey checkerboard."""
+    h, w = rgba.shape[:2]
+    yy, xx = np.indices((h, w))
+    board = np.where(((yy // cell + xx // cell) % 2)[..., None] == 0, 255, 204).astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    return ((rgba[..., :3] * alpha + board * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def hex_to_rgba(color: str | None, opacity: float | None) -> list[int]:
+    """Colour picker value (#rrggbb, or rgb()/rgba() text) plus an opacity slider → [r, g, b, a]."""
+    r, g, b, _ = render.parse_color(color or DEFAULT_COLOR, 0)  # type: ignore[misc]
+    a = DEFAULT_OPACITY if opacity is None else float(opacity)
+    return [r, g, b, int(round(max(0.0, min(1.0, a)) * 255))]
+
+
+# ---- the UI's per-session state (ids and small lists only, never arrays) ----------------------
+def new_session(image_id: str | None = None) -> dict:
+    return {"image_id": image_id, "steps": [], "history": [], "selected": None, "click": None,
+            "candidates": [], "order": []}
+
+
+def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = None) -> gr.Blocks:
+    outputs = outputs or Outputs()
+
+    def owner_of(request: gr.Request | None) -> str | None:
+        return LOCAL_OWNER
+
+    # ---- rendering helpers for the UI -------------------------------------------------------
+    def display_path(sess: dict, background: str) -> str | None:
+        if not sess.get("image_id"):
+            return None
+        arr = studio.render(sess["image_id"], _instructions(sess), background, LOCAL_OWNER, display=True)
+        if arr.shape[2] == 4:
+            arr = _checkerboard(arr)
+        return outputs.write("composite.jpg", imaging.encode_jpeg(arr))
+
+    def painted_table(sess: dict) -> list[list]:
+        rows = []
+        for mid, color in sess["steps"]:
+            if color == "original":
+                rows.append([mid, "original pixels", 255])
+            else:
+                r, g, b, a = color
+                rows.append([mid, f"#{r:02x}{g:02x}{b:02x}", a])
+        return rows
+
+    def selection_text(sess: dict) -> str:
+        if not sess.get("image_id"):
+            return "Upload a photo, or open one from the library."
+        sel = sess.get("selected")
+        if sel is None:
+            return "Click the picture (or a thumbnail) to select a mask."
+        loaded = studio.load(sess["image_id"], LOCAL_OWNER)
+        m = loaded.masks[sel]
+        pct = 100 * m.area / (loaded.row.width * loaded.row.height)
+        cands = sess.get("candidates") or []
+        where = ""
+        if sel in cands and len(cands) > 1:
+            pos = cands.index(sel) + 1
+            where = f" · {pos} of {len(cands)} masks under this point: click again for the next larger"
+        return f"**Selected mask {sel}** · {m.area:,} px ({pct:.1f} % of the image){where}"
+
+    def gallery_items(image_id: str) -> tuple[list, list[int]]:
+        items, order = [], []
+        for mid, thumb in studio.cutouts(image_id, LOCAL_OWNER):
+            items.append((thumb, f"#{mid}"))
+            order.append(mid)
+        return items, order
+
+    def status_text() -> str:
+        ok, health = studio.segmenter.health()
+        storage = f"SQLite at `{settings.db_path}`, images in `{settings.blob_dir}`"
+        return f"**Engine:** {studio.segmenter.engine} ({health}) · **Storage:** {storage}"
+
+    def library_choices(request: gr.Request | None = None):
+        rows = studio.list_images(owner_of(request))
+        choices = [
+            (f"{r['image_id']} · {r['width']}×{r['height']} · {r['mask_count']} masks", r["image_id"])
+            for r in rows
+        ]
+        return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+    def view(sess: dict, background: str, *, gallery: bool = False) -> tuple:
+        """Everything that shows the session: composite, selection, painted table (+ gallery)."""
+        out = (sess, display_path(sess, background), selection_text(sess), painted_table(sess))
+        if gallery:
+            items, order = gallery_items(sess["image_id"]) if sess.get("image_id") else ([], [])
+            sess["order"] = order
+            out = out + (items,)
+        return out
+
+    def paint(sess: dict, mask_id: int, color: list[int], *, replace: int | None = None) -> None:
+        """Select mask_id and paint it; `replace` is a mask whose paint this click takes back."""
+        sess["history"] = (sess["history"] + [list(map(list, sess["steps"]))])[-50:]
+        steps = [s for s in sess["steps"] if s[0] != mask_id and (replace is None or s[0] != replace)]
+        sess["steps"] = steps + [[mask_id, color]]
+        sess["selected"] = mask_id
+
+    # ---- UI handlers ------------------------------------------------------------------------
+    @user_errors
+    def on_upload(file, custom_id, background, request: gr.Request, progress=gr.Progress()):
+        data = _upload_bytes(file)
+        if data is None:
+            raise InvalidInput("Choose an image file to upload.")
+        summary = studio.generate_and_store(
+            data,
+            image_id=(custom_id or "").strip() or None,
+            owner=owner_of(request) or LOCAL_OWNER,
+            progress=lambda f, text: progress(f, desc=text),
+        )
+        sess = new_session(summary["image_id"])
+        gr.Info(f"{summary['mask_count']} masks from the {summary['engine']}.")
+        return view(sess, background, gallery=True) + (library_choices(request), status_text())
+
+    @user_errors
+    def on_open(image_id, background, request: gr.Request):
+        if not image_id:
+            raise InvalidInput("Choose an image in the library first.")
+        studio.load(image_id, owner_of(request))
+        return view(new_session(image_id), background, gallery=True)
+
+    @user_errors
+    def on_delete(image_id, sess, background, request: gr.Request):
+        if not image_id:
+            raise InvalidInput("Choose an image in the library first.")
+        result = studio.delete(image_id, owner_of(request))
+        gr.Info(result["message"])
+        if sess.get("image_id") == image_id:
+            sess = new_session()
+        return view(sess, background, gallery=True) + (library_choices(request),)
+
+    @user_errors
+    def on_click(sess, color, opacity, background, evt: gr.SelectData):
+        if not sess.get("image_id"):
+            raise InvalidInput("Upload a photo first.")
+        loaded = studio.load(sess["image_id"], LOCAL_OWNER)
+        dh, dw = loaded.display_rgb.shape[:2]
+        dx, dy = evt.index
+        x = min(loaded.row.width - 1, int((dx + 0.5) * loaded.row.width / dw))
+        y = min(loaded.row.height - 1, int((dy + 0.5) * loaded.row.height / dh))
+        found = studio.mask_at_point(sess["image_id"], x, y, LOCAL_OWNER)
+        if found["mask_id"] is None:
+            sess["click"], sess["candidates"] = [x, y], []
+            gr.Info(f"No mask covers pixel ({x}, {y}).")
+            return view(sess, background)
+        cands = found["candidates"]
+        replace = None
+        if sess.get("click") == [x, y] and sess.get("selected") in cands:
+            # Same pixel again: step from this part to the next larger mask (part → whole).
+            pos = cands.index(sess["selected"])
+            target = cands[(pos + 1) % len(cands)]
+            replace = sess["selected"]
+        else:
+            target = cands[0]
+        sess["click"], sess["candidates"] = [x, y], cands
+        paint(sess, target, hex_to_rgba(color, opacity), replace=replace)
+        return view(sess, background)
+
+    @user_errors
+    def on_gallery(sess, color, opacity, background, evt: gr.SelectData):
+        order = sess.get("order") or []
+        if not sess.get("image_id") or not (0 <= evt.index < len(order)):
+            raise InvalidInput("Upload a photo first.")
+        sess["click"], sess["candidates"] = None, []
+        paint(sess, order[evt.index], hex_to_rgba(color, opacity))
+        return view(sess, background)
+
+    @user_errors
+    def on_color(sess, color, opacity, background):
+        sel = sess.get("selected")
+        if sel is None or not sess.get("image_id"):
+            return view(sess, background)
+        rgba = hex_to_rgba(color, opacity)
+        current = next((s for s in sess["steps"] if s[0] == sel), None)
+        if current is not None and current[1] == rgba:
+            return view(sess, background)
+        # A drag of the picker or slider is one undo step, not fifty.
+        last = sess["history"][-1] if sess["history"] else None
+        coalesce = last is not None and [s[0] for s in last] == [s[0] for s in sess["steps"]]
+        if not coalesce:
+            sess["history"] = (sess["history"] + [list(map(list, sess["steps"]))])[-50:]
+        if current is not None:
+            current[1] = rgba
+        else:
+            sess["steps"].append([sel, rgba])
+        return view(sess, background)
+
+    @user_errors
+    def on_background(sess, background):
+        return view(sess, background)
+
+    @user_errors
+    def on_undo(sess, background):
+        if sess["history"]:
+            sess["steps"] = sess["history"].pop()
+        else:
+            gr.Info("Nothing to undo.")
+        return view(sess, background)
+
+    @user_errors
+    def on_remove(sess, background):
+        sel = sess.get("selected")
+        if sel is None or not any(s[0] == sel for s in sess["steps"]):
+            raise InvalidInput("Select a painted mask first (click it), then remove it.")
+        sess["history"] = (sess["history"] + [list(map(list, sess["steps"]))])[-50:]
+        sess["steps"] = [s for s in sess["steps"] if s[0] != sel]
+        return view(sess, background)
+
+    @user_errors
+    def on_clear(sess, background):
+        if sess["steps"]:
+            sess["history"] = (sess["history"] + [list(map(list, sess["steps"]))])[-50:]
+        sess["steps"], sess["selected"], sess["candidates"] = [], None, []
+        return view(sess, background)
+
+    @user_errors
+    def on_download_png(sess, background):
+        if not sess.get("image_id"):
+            raise InvalidInput("Upload a photo first.")
+        arr = studio.render(sess["image_id"], _instructions(sess), background, LOCAL_OWNER)
+        return outputs.write(f"{sess['image_id']}-composite.png", imaging.encode_png(arr))
+
+    @user_errors
+    def on_download_coco(sess, which):
+        if not sess.get("image_id"):
+            raise InvalidInput("Upload a photo first.")
+        painted = [mid for mid, _ in sess["steps"]]
+        if which == "painted" and not painted:
+            raise InvalidInput("No mask is painted yet: paint some, or export all masks.")
+        coco = studio.export_coco(
+            sess["image_id"], painted if which == "painted" else None, LOCAL_OWNER,
+            colors={mid: c for mid, c in sess["steps"]},
+        )
+        name = f"{sess['image_id']}-coco-{which}.json"
+        return outputs.write(name, json.dumps(coco).encode())
+
+    # ---- API handlers (public, named; parameter names and order are the contract) ------------
+    def generate_and_store_masks(
+        image: FileData | None = None,
+        image_id: str | None = None,
+        original_image_b64: str | None = None,
+        request: gr.Request = None,
+    ) -> dict:
+        """Segment an image and store it with its masks. Send `image` (handle_file(path)) or `original_image_b64`."""
+        data = _upload_bytes(image)
+        if data is None:
+            if original_image_b64 is None:
+                raise InvalidInput("Send an image: `image` as a file, or `original_image_b64`.")
+            data = imaging.decode_base64(original_image_b64)
+        return studio.generate_and_store(data, image_id=image_id, owner=owner_of(request) or LOCAL_OWNER)
+
+    def render_masks(
+        image_id: str, render_instructions: list[dict], background: str = "original", request: gr.Request = None
+    ) -> FileData:
+        """The composite as a full-size PNG: instructions [{"mask_id", "color"}], later over earlier."""
+        arr = studio.render(image_id, render_instructions, background, owner_of(request))
+        return FileData(path=outputs.write(f"{image_id}-render.png", imaging.encode_png(arr)))
+
+    def image_info(image_id: str, request: gr.Request = None) -> dict:
+        """An image's size, engine and masks (id, area, bbox, scores, mask_url)."""
+        return studio.info(image_id, owner_of(request))
+
+    def list_images(request: gr.Request = None) -> list[dict]:
+        """Stored images, newest first."""
+        return studio.list_images(owner_of(request))
+
+    def mask_at_point(image_id: str, x: float, y: float, request: gr.Request = None) -> dict:
+        """The smallest mask containing pixel (x, y), and every containing mask smallest first."""
+        return studio.mask_at_point(image_id, x, y, owner_of(request))
+
+    def delete_image(image_id: str, request: gr.Request = None) -> dict:
+        """Delete an image, its masks and its files."""
+        return studio.delete(image_id, owner_of(request))
+
+    def get_mask(image_id: str, mask_id: int, request: gr.Request = None) -> FileData:
+        """One mask as a PNG (0 outside, 255 inside) of the image's size."""
+        png = studio.mask_png(image_id, mask_id, owner_of(request))
+        return FileData(path=outputs.write(f"{image_id}-mask-{int(mask_id)}.png", png))
+
+    def export_coco(image_id: str, mask_ids: list[int] | None = None, request: gr.Request = None) -> dict:
+        """A COCO dict (RLE segmentations) of all masks, or of the listed mask ids."""
+        return studio.export_coco(image_id, mask_ids, owner_of(request))
+
+    api_functions = [generate_and_store_masks, render_masks, image_info, list_images, mask_at_point,
+                     delete_image, get_mask, export_coco]
+
+    # ---- layout ------------------------------------------------------------------------------
+    with gr.Blocks(title="Mask Studio", delete_cache=(3600, 3600)) as demo:
+        sess = gr.State(new_session())
+        gr.Markdown("# Mask Studio\nUpload a photo, click the picture to pick a mask, colour it.",
+                    elem_id="title")
+        status = gr.Markdown(elem_id="status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=300):
+                composite = gr.Image(label="Composite (click to select)", elem_id="composite",
+                                     interactive=False, type="filepath", buttons=["fullscreen"],
+                                     height=560)
+                selection = gr.Markdown(selection_text(new_session()), elem_id="selection")
+            with gr.Column(scale=2, min_width=300):
+                upload = gr.File(label="Upload a photo", file_types=["image"], elem_id="upload",
+                                 height=120)
+                custom_id = gr.Textbox(label="Image id (optional)", elem_id="custom_id",
+                                       placeholder="auto: img_YYYYMMDD_HHMMSS_xxxxxxxx", max_lines=1)
+                with gr.Row():
+                    color = gr.ColorPicker(value=DEFAULT_COLOR, label="Colour", elem_id="color")
+                    opacity = gr.Slider(0, 1, value=DEFAULT_OPACITY, step=0.01, label="Opacity",
+                                        elem_id="opacity")
+                background = gr.Radio(list(render.BACKGROUNDS), value="original", label="Background",
+                                      elem_id="background")
+                with gr.Row():
+                    undo = gr.Button("Undo", elem_id="undo", size="sm")
+                    remove = gr.Button("Remove selected", elem_id="remove", size="sm")
+                    clear = gr.Button("Clear all", elem_id="clear", size="sm")
+                painted = gr.Dataframe(headers=["mask", "colour", "alpha"], value=[], label="Painted masks",
+                                       elem_id="painted", interactive=False, max_height=220)
+        gallery = gr.Gallery(label="Masks, largest first (click to select)", elem_id="gallery",
+                             columns=8, height=300, allow_preview=False, object_fit="contain")
+        with gr.Accordion("Download", open=False, elem_id="downloads_panel"):
+            with gr.Row():
+                dl_png = gr.Button("Composite (PNG, full size)", elem_id="dl_png", size="sm")
+                dl_coco_painted = gr.Button("COCO JSON: painted masks", elem_id="dl_coco_painted", size="sm")
+                dl_coco_all = gr.Button("COCO JSON: all masks", elem_id="dl_coco_all", size="sm")
+            downloads = gr.File(label="Your file", elem_id="downloads", interactive=False)
+        with gr.Accordion("Library", open=False, elem_id="library_panel"):
+            with gr.Row():
+                library = gr.Dropdown(label="Stored images", choices=[], elem_id="library", scale=3)
+                open_btn = gr.Button("Open", elem_id="open", size="sm", scale=1)
+                delete_btn = gr.Button("Delete", elem_id="delete", size="sm", variant="stop", scale=1)
+
+        shown = [sess, composite, selection, painted]
+        private = {"api_visibility": "private"}
+        upload.upload(on_upload, [upload, custom_id, background], shown + [gallery, library, status],
+                      concurrency_id="segment", concurrency_limit=2, **private)
+        composite.select(on_click, [sess, color, opacity, background], shown, **private)
+        gallery.select(on_gallery, [sess, color, opacity, background], shown, **private)
+        color.change(on_color, [sess, color, opacity, background], shown, **private)
+        opacity.release(on_color, [sess, color, opacity, background], shown, **private)
+        background.change(on_background, [sess, background], shown, **private)
+        undo.click(on_undo, [sess, background], shown, **private)
+        remove.click(on_remove, [sess, background], shown, **private)
+        clear.click(on_clear, [sess, background], shown, **private)
+        dl_png.click(on_download_png, [sess, background], downloads, **private)
+        dl_coco_painted.click(functools.partial(on_download_coco, which="painted"), [sess], downloads, **private)
+        dl_coco_all.click(functools.partial(on_download_coco, which="all"), [sess], downloads, **private)
+        open_btn.click(on_open, [library, background], shown + [gallery], **private)
+        delete_btn.click(on_delete, [library, sess, background], shown + [gallery, library], **private)
+        def on_load(request: gr.Request):
+            return library_choices(request), status_text()
+
+        demo.load(on_load, None, [library, status], **private)
+
+        for fn in api_functions:
+            gr.api(user_errors(fn), api_name=fn.__name__,
+                   concurrency_id="segment" if fn is generate_and_store_masks else None,
+                   concurrency_limit=2 if fn is generate_and_store_masks else 8)
+    return demo
+
+
+def _instructions(sess: dict) -> list[dict]:
+    return [{"mask_id": mid, "color": color} for mid, color in sess["steps"]]
+
+
+def create_studio(settings: Settings) -> Studio:
+    """The real dependencies, as configured."""
+    studio = Studio(
+        settings,
+        make_segmenter(settings),
+        Database(settings.db_path),
+        LocalBlobStore(settings.blob_dir),
+    )
+    studio.cleanup_orphans()
+    return studio
+
+
+def launch(settings: Settings, studio: Studio, **kwargs):
+    demo = build_demo(settings, studio)
+    demo.queue(default_concurrency_limit=8, max_size=256)
+    return demo, demo.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        max_file_size=f"{settings.max_upload_mb}mb",
+        show_error=False,
+        **kwargs,
+    )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env()
+    except MaskStudioError as exc:
+        raise SystemExit(f"Configuration error: {exc.message}") from None
+    studio = create_studio(settings)
+    log.info("Mask Studio: engine %s; data in %s", studio.segmenter.engine, settings.data_dir.resolve())
+    launch(settings, studio)
+
+
+if __name__ == "__main__":
+    main()
