@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from gradio.data_classes import FileData
 
 import imaging
 import render
+from access import LOCAL_OWNER, Access, Caller
 from errors import InvalidInput, MaskStudioError
 from sam2_client import make_segmenter
 from settings import Settings
@@ -27,7 +29,6 @@ from studio import Studio
 
 log = logging.getLogger("mask_studio")
 
-LOCAL_OWNER = "local"
 DEFAULT_COLOR = "#ff3b30"
 DEFAULT_OPACITY = 0.6
 GENERIC_ERROR = "Something unexpected went wrong; it has been logged. Please try again."
@@ -112,22 +113,23 @@ def hex_to_rgba(color: str | None, opacity: float | None) -> list[int]:
 
 
 # ---- the UI's per-session state (ids and small lists only, never arrays) ----------------------
-def new_session(image_id: str | None = None) -> dict:
-    return {"image_id": image_id, "steps": [], "history": [], "selected": None, "click": None,
-            "candidates": [], "order": []}
+def new_session(image_id: str | None = None, owner: str = LOCAL_OWNER) -> dict:
+    return {"image_id": image_id, "owner": owner, "steps": [], "history": [], "selected": None,
+            "click": None, "candidates": [], "order": []}
 
 
 def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = None) -> gr.Blocks:
     outputs = outputs or Outputs()
+    access = Access(settings)
 
-    def owner_of(request: gr.Request | None) -> str | None:
-        return LOCAL_OWNER
+    def api_caller(request: gr.Request | None) -> Caller:
+        return access.api_caller(request.headers if request is not None else {})
 
     # ---- rendering helpers for the UI -------------------------------------------------------
     def display_path(sess: dict, background: str) -> str | None:
         if not sess.get("image_id"):
             return None
-        arr = studio.render(sess["image_id"], _instructions(sess), background, LOCAL_OWNER, display=True)
+        arr = studio.render(sess["image_id"], _instructions(sess), background, sess["owner"], display=True)
         if arr.shape[2] == 4:
             arr = _checkerboard(arr)
         return outputs.write("composite.jpg", imaging.encode_jpeg(arr))
@@ -148,7 +150,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         sel = sess.get("selected")
         if sel is None:
             return "Click the picture (or a thumbnail) to select a mask."
-        loaded = studio.load(sess["image_id"], LOCAL_OWNER)
+        loaded = studio.load(sess["image_id"], sess["owner"])
         m = loaded.masks[sel]
         pct = 100 * m.area / (loaded.row.width * loaded.row.height)
         cands = sess.get("candidates") or []
@@ -158,9 +160,9 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             where = f" · {pos} of {len(cands)} masks under this point: click again for the next larger"
         return f"**Selected mask {sel}** · {m.area:,} px ({pct:.1f} % of the image){where}"
 
-    def gallery_items(image_id: str) -> tuple[list, list[int]]:
+    def gallery_items(image_id: str, owner: str) -> tuple[list, list[int]]:
         items, order = [], []
-        for mid, thumb in studio.cutouts(image_id, LOCAL_OWNER):
+        for mid, thumb in studio.cutouts(image_id, owner):
             items.append((thumb, f"#{mid}"))
             order.append(mid)
         return items, order
@@ -170,8 +172,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         storage = f"SQLite at `{settings.db_path}`, images in `{settings.blob_dir}`"
         return f"**Engine:** {studio.segmenter.engine} ({health}) · **Storage:** {storage}"
 
-    def library_choices(request: gr.Request | None = None):
-        rows = studio.list_images(owner_of(request))
+    def library_choices(owner: str):
+        rows = studio.list_images(owner)
         choices = [
             (f"{r['image_id']} · {r['width']}×{r['height']} · {r['mask_count']} masks", r["image_id"])
             for r in rows
@@ -182,7 +184,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         """Everything that shows the session: composite, selection, painted table (+ gallery)."""
         out = (sess, display_path(sess, background), selection_text(sess), painted_table(sess))
         if gallery:
-            items, order = gallery_items(sess["image_id"]) if sess.get("image_id") else ([], [])
+            items, order = gallery_items(sess["image_id"], sess["owner"]) if sess.get("image_id") else ([], [])
             sess["order"] = order
             out = out + (items,)
         return out
@@ -196,47 +198,47 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
 
     # ---- UI handlers ------------------------------------------------------------------------
     @user_errors
-    def on_upload(file, custom_id, background, request: gr.Request, progress=gr.Progress()):
+    def on_upload(file, custom_id, sess, background, progress=gr.Progress()):
         data = _upload_bytes(file)
         if data is None:
             raise InvalidInput("Choose an image file to upload.")
         summary = studio.generate_and_store(
             data,
             image_id=(custom_id or "").strip() or None,
-            owner=owner_of(request) or LOCAL_OWNER,
+            owner=sess["owner"],
             progress=lambda f, text: progress(f, desc=text),
         )
-        sess = new_session(summary["image_id"])
+        sess = new_session(summary["image_id"], sess["owner"])
         gr.Info(f"{summary['mask_count']} masks from the {summary['engine']}.")
-        return view(sess, background, gallery=True) + (library_choices(request), status_text())
+        return view(sess, background, gallery=True) + (library_choices(sess["owner"]), status_text())
 
     @user_errors
-    def on_open(image_id, background, request: gr.Request):
+    def on_open(image_id, sess, background):
         if not image_id:
             raise InvalidInput("Choose an image in the library first.")
-        studio.load(image_id, owner_of(request))
-        return view(new_session(image_id), background, gallery=True)
+        studio.load(image_id, sess["owner"])
+        return view(new_session(image_id, sess["owner"]), background, gallery=True)
 
     @user_errors
-    def on_delete(image_id, sess, background, request: gr.Request):
+    def on_delete(image_id, sess, background):
         if not image_id:
             raise InvalidInput("Choose an image in the library first.")
-        result = studio.delete(image_id, owner_of(request))
+        result = studio.delete(image_id, sess["owner"])
         gr.Info(result["message"])
         if sess.get("image_id") == image_id:
-            sess = new_session()
-        return view(sess, background, gallery=True) + (library_choices(request),)
+            sess = new_session(None, sess["owner"])
+        return view(sess, background, gallery=True) + (library_choices(sess["owner"]),)
 
     @user_errors
     def on_click(sess, color, opacity, background, evt: gr.SelectData):
         if not sess.get("image_id"):
             raise InvalidInput("Upload a photo first.")
-        loaded = studio.load(sess["image_id"], LOCAL_OWNER)
+        loaded = studio.load(sess["image_id"], sess["owner"])
         dh, dw = loaded.display_rgb.shape[:2]
         dx, dy = evt.index
         x = min(loaded.row.width - 1, int((dx + 0.5) * loaded.row.width / dw))
         y = min(loaded.row.height - 1, int((dy + 0.5) * loaded.row.height / dh))
-        found = studio.mask_at_point(sess["image_id"], x, y, LOCAL_OWNER)
+        found = studio.mask_at_point(sess["image_id"], x, y, sess["owner"])
         if found["mask_id"] is None:
             sess["click"], sess["candidates"] = [x, y], []
             gr.Info(f"No mask covers pixel ({x}, {y}).")
@@ -315,7 +317,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
     def on_download_png(sess, background):
         if not sess.get("image_id"):
             raise InvalidInput("Upload a photo first.")
-        arr = studio.render(sess["image_id"], _instructions(sess), background, LOCAL_OWNER)
+        arr = studio.render(sess["image_id"], _instructions(sess), background, sess["owner"])
         return outputs.write(f"{sess['image_id']}-composite.png", imaging.encode_png(arr))
 
     @user_errors
@@ -326,7 +328,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         if which == "painted" and not painted:
             raise InvalidInput("No mask is painted yet: paint some, or export all masks.")
         coco = studio.export_coco(
-            sess["image_id"], painted if which == "painted" else None, LOCAL_OWNER,
+            sess["image_id"], painted if which == "painted" else None, sess["owner"],
             colors={mid: c for mid, c in sess["steps"]},
         )
         name = f"{sess['image_id']}-coco-{which}.json"
@@ -340,44 +342,45 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         request: gr.Request = None,
     ) -> dict:
         """Segment an image and store it with its masks. Send `image` (handle_file(path)) or `original_image_b64`."""
+        caller = api_caller(request)
         data = _upload_bytes(image)
         if data is None:
             if original_image_b64 is None:
                 raise InvalidInput("Send an image: `image` as a file, or `original_image_b64`.")
             data = imaging.decode_base64(original_image_b64)
-        return studio.generate_and_store(data, image_id=image_id, owner=owner_of(request) or LOCAL_OWNER)
+        return studio.generate_and_store(data, image_id=image_id, owner=caller.owner)
 
     def render_masks(
         image_id: str, render_instructions: list[dict], background: str = "original", request: gr.Request = None
     ) -> FileData:
         """The composite as a full-size PNG: instructions [{"mask_id", "color"}], later over earlier."""
-        arr = studio.render(image_id, render_instructions, background, owner_of(request))
+        arr = studio.render(image_id, render_instructions, background, api_caller(request).scope)
         return FileData(path=outputs.write(f"{image_id}-render.png", imaging.encode_png(arr)))
 
     def image_info(image_id: str, request: gr.Request = None) -> dict:
         """An image's size, engine and masks (id, area, bbox, scores, mask_url)."""
-        return studio.info(image_id, owner_of(request))
+        return studio.info(image_id, api_caller(request).scope)
 
     def list_images(request: gr.Request = None) -> list[dict]:
         """Stored images, newest first."""
-        return studio.list_images(owner_of(request))
+        return studio.list_images(api_caller(request).scope)
 
     def mask_at_point(image_id: str, x: float, y: float, request: gr.Request = None) -> dict:
         """The smallest mask containing pixel (x, y), and every containing mask smallest first."""
-        return studio.mask_at_point(image_id, x, y, owner_of(request))
+        return studio.mask_at_point(image_id, x, y, api_caller(request).scope)
 
     def delete_image(image_id: str, request: gr.Request = None) -> dict:
         """Delete an image, its masks and its files."""
-        return studio.delete(image_id, owner_of(request))
+        return studio.delete(image_id, api_caller(request).scope)
 
     def get_mask(image_id: str, mask_id: int, request: gr.Request = None) -> FileData:
         """One mask as a PNG (0 outside, 255 inside) of the image's size."""
-        png = studio.mask_png(image_id, mask_id, owner_of(request))
+        png = studio.mask_png(image_id, mask_id, api_caller(request).scope)
         return FileData(path=outputs.write(f"{image_id}-mask-{int(mask_id)}.png", png))
 
     def export_coco(image_id: str, mask_ids: list[int] | None = None, request: gr.Request = None) -> dict:
         """A COCO dict (RLE segmentations) of all masks, or of the listed mask ids."""
-        return studio.export_coco(image_id, mask_ids, owner_of(request))
+        return studio.export_coco(image_id, mask_ids, api_caller(request).scope)
 
     api_functions = [generate_and_store_masks, render_masks, image_info, list_images, mask_at_point,
                      delete_image, get_mask, export_coco]
@@ -385,6 +388,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
     # ---- layout ------------------------------------------------------------------------------
     with gr.Blocks(title="Mask Studio", delete_cache=(3600, 3600)) as demo:
         sess = gr.State(new_session())
+        browser_key = gr.BrowserState(None, storage_key="mask-studio-owner")
         gr.Markdown("# Mask Studio\nUpload a photo, click the picture to pick a mask, colour it.",
                     elem_id="title")
         status = gr.Markdown(elem_id="status")
@@ -427,7 +431,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
 
         shown = [sess, composite, selection, painted]
         private = {"api_visibility": "private"}
-        upload.upload(on_upload, [upload, custom_id, background], shown + [gallery, library, status],
+        upload.upload(on_upload, [upload, custom_id, sess, background], shown + [gallery, library, status],
                       concurrency_id="segment", concurrency_limit=2, **private)
         composite.select(on_click, [sess, color, opacity, background], shown, **private)
         gallery.select(on_gallery, [sess, color, opacity, background], shown, **private)
@@ -440,12 +444,16 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         dl_png.click(on_download_png, [sess, background], downloads, **private)
         dl_coco_painted.click(functools.partial(on_download_coco, which="painted"), [sess], downloads, **private)
         dl_coco_all.click(functools.partial(on_download_coco, which="all"), [sess], downloads, **private)
-        open_btn.click(on_open, [library, background], shown + [gallery], **private)
+        open_btn.click(on_open, [library, sess, background], shown + [gallery], **private)
         delete_btn.click(on_delete, [library, sess, background], shown + [gallery, library], **private)
-        def on_load(request: gr.Request):
-            return library_choices(request), status_text()
+        @user_errors
+        def on_load(browser_key, sess):
+            # Each browser keeps a random key of its own: its anonymous owner when AUTH_MODE=keys.
+            browser_key = browser_key or secrets.token_urlsafe(24)
+            sess = new_session(None, access.browser_caller(browser_key).owner)
+            return browser_key, sess, library_choices(sess["owner"]), status_text()
 
-        demo.load(on_load, None, [library, status], **private)
+        demo.load(on_load, [browser_key, sess], [browser_key, sess, library, status], **private)
 
         for fn in api_functions:
             gr.api(user_errors(fn), api_name=fn.__name__,

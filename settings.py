@@ -168,7 +168,8 @@ def _parse(env: Mapping[str, str]) -> dict:
         "s3_presign_seconds": _number(env, int, ("S3_PRESIGN_SECONDS",), 1),
         "s3_object_acl": _get(env, "S3_OBJECT_ACL"),
         "s3_upload_originals": _bool(_get(env, "S3_UPLOAD_ORIGINALS")),
-        "auth_mode": _choice(env, "AUTH_MODE", ("open", "keys")),
+        # Off a Space the default is open (one owner); on a public Space, per-owner data by default.
+        "auth_mode": _choice(env, "AUTH_MODE", ("open", "keys")) or ("keys" if _get(env, "SPACE_ID") else None),
         "app_api_keys": _api_keys(_get(env, "APP_API_KEYS")) or None,
         "admin_api_key": _get(env, "ADMIN_API_KEY"),
         "segment_rate_limit": _number(env, int, ("SEGMENT_RATE_LIMIT",), 0),
