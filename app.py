@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,14 @@ import numpy as np
 from gradio.data_classes import FileData
 
 import imaging
+import masks as rle
 import render
 from access import LOCAL_OWNER, Access, Caller
 from errors import InvalidInput, MaskStudioError
 from sam2_client import make_segmenter
+from limits import run_periodically
 from settings import Settings
+from s3_store import S3BlobStore
 from storage import Database, LocalBlobStore
 from studio import Studio
 
@@ -31,7 +35,11 @@ log = logging.getLogger("mask_studio")
 
 DEFAULT_COLOR = "#ff3b30"
 DEFAULT_OPACITY = 0.6
+MODE_SELECT, MODE_INCLUDE, MODE_EXCLUDE = "Select masks", "Add object: include", "Add object: exclude"
 GENERIC_ERROR = "Something unexpected went wrong; it has been logged. Please try again."
+# The picture keeps its aspect and fits the screen (a fixed-height box leaves big empty bands on a phone).
+CSS = "#composite img { max-height: min(600px, 75vh); width: auto; max-width: 100%; }"
+RETENTION_SWEEP_S = 3600  # how often expired images are looked for, after the sweep at start-up
 
 
 # ---- errors: the one place where our exceptions become what people see ----------------------
@@ -83,6 +91,23 @@ class Outputs:
                 pass
 
 
+def client_address(request: gr.Request | None) -> str | None:
+    """The caller's network address as the server sees it (abuse limits are also counted per address)."""
+    client = getattr(request, "client", None)
+    return getattr(client, "host", None) or None
+
+
+def oauth_available() -> bool:
+    """Whether gradio[oauth]'s extra packages are installed (the HF sign-in button needs them)."""
+    try:
+        import authlib  # noqa: F401
+        import itsdangerous  # noqa: F401
+    except ImportError:
+        log.warning("HF_LOGIN is on but gradio[oauth] is not installed: no sign-in button.")
+        return False
+    return True
+
+
 def _upload_bytes(image: Any) -> bytes | None:
     """A file parameter as gr.api delivers it (a path, or a FileData-like dict) → bytes."""
     if image is None:
@@ -103,6 +128,25 @@ def _checkerboard(rgba: np.ndarray, cell: int = 12) -> np.ndarray:
     board = np.where(((yy // cell + xx // cell) % 2)[..., None] == 0, 255, 204).astype(np.uint16)
     alpha = rgba[..., 3:4].astype(np.uint16)
     return ((rgba[..., :3] * alpha + board * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _overlay_prompt(arr: np.ndarray, sess: dict, shape: tuple[int, int]) -> np.ndarray:
+    """The object being built: its preview mask in translucent cyan, include points green, exclude red."""
+    out = arr.astype(np.float32)
+    dh, dw = arr.shape[:2]
+    h, w = shape
+    rec = sess.get("preview")
+    if rec is not None:
+        mask = rle.decode(rec["segmentation"])
+        small = mask[(np.arange(dh) * h // dh)[:, None], (np.arange(dw) * w // dw)[None, :]]
+        out[small] = out[small] * 0.45 + np.array([0, 220, 255], np.float32) * 0.55
+    r = max(3, min(dh, dw) // 120)
+    for x, y, label in sess.get("points") or []:
+        cx, cy = int(x * dw / w), int(y * dh / h)
+        colour = (40, 220, 60) if label == 1 else (235, 40, 40)
+        out[max(0, cy - r - 1): cy + r + 2, max(0, cx - r - 1): cx + r + 2] = (255, 255, 255)
+        out[max(0, cy - r): cy + r + 1, max(0, cx - r): cx + r + 1] = colour
+    return out.astype(np.uint8)
 
 
 def hex_to_rgba(color: str | None, opacity: float | None) -> list[int]:
@@ -132,6 +176,9 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         arr = studio.render(sess["image_id"], _instructions(sess), background, sess["owner"], display=True)
         if arr.shape[2] == 4:
             arr = _checkerboard(arr)
+        if sess.get("points"):
+            loaded = studio.load(sess["image_id"], sess["owner"])
+            arr = _overlay_prompt(arr, sess, (loaded.row.height, loaded.row.width))
         return outputs.write("composite.jpg", imaging.encode_jpeg(arr))
 
     def painted_table(sess: dict) -> list[list]:
@@ -168,9 +215,15 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         return items, order
 
     def status_text() -> str:
-        ok, health = studio.segmenter.health()
-        storage = f"SQLite at `{settings.db_path}`, images in `{settings.blob_dir}`"
-        return f"**Engine:** {studio.segmenter.engine} ({health}) · **Storage:** {storage}"
+        ok, health = studio.health()
+        engine = studio.segmenter.engine
+        # Health sentences usually name the engine already: say it once.
+        engine_text = health if engine in health else f"{engine}: {health}"
+        warn = "" if ok else "⚠️ "
+        storage = f"SQLite and images in `{settings.data_dir}`"
+        s3_ok, s3_text = studio.s3_status
+        s3 = f" · **S3:** {'' if s3_ok else '⚠️ '}{s3_text}"
+        return f"**Engine:** {warn}{engine_text} · **Storage:** {storage}{s3}"
 
     def library_choices(owner: str):
         rows = studio.list_images(owner)
@@ -182,11 +235,14 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
 
     def view(sess: dict, background: str, *, gallery: bool = False) -> tuple:
         """Everything that shows the session: composite, selection, painted table (+ gallery)."""
-        out = (sess, display_path(sess, background), selection_text(sess), painted_table(sess))
+        image = display_path(sess, background)
+        # The picture and the gallery are shown only when there is something in them.
+        out = (sess, gr.update(value=image, visible=image is not None), selection_text(sess),
+               painted_table(sess))
         if gallery:
             items, order = gallery_items(sess["image_id"], sess["owner"]) if sess.get("image_id") else ([], [])
             sess["order"] = order
-            out = out + (items,)
+            out = out + (gr.update(value=items, visible=bool(items)),)
         return out
 
     def paint(sess: dict, mask_id: int, color: list[int], *, replace: int | None = None) -> None:
@@ -198,7 +254,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
 
     # ---- UI handlers ------------------------------------------------------------------------
     @user_errors
-    def on_upload(file, custom_id, sess, background, progress=gr.Progress()):
+    def on_upload(file, custom_id, sess, background, request: gr.Request, progress=gr.Progress()):
         data = _upload_bytes(file)
         if data is None:
             raise InvalidInput("Choose an image file to upload.")
@@ -207,10 +263,12 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             image_id=(custom_id or "").strip() or None,
             owner=sess["owner"],
             progress=lambda f, text: progress(f, desc=text),
+            address=client_address(request),
         )
         sess = new_session(summary["image_id"], sess["owner"])
         gr.Info(f"{summary['mask_count']} masks from the {summary['engine']}.")
-        return view(sess, background, gallery=True) + (library_choices(sess["owner"]), status_text())
+        # Empty the upload box and the id: ready for the next photo without first clearing them.
+        return view(sess, background, gallery=True) + (library_choices(sess["owner"]), status_text(), None, "")
 
     @user_errors
     def on_open(image_id, sess, background):
@@ -230,7 +288,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         return view(sess, background, gallery=True) + (library_choices(sess["owner"]),)
 
     @user_errors
-    def on_click(sess, color, opacity, background, evt: gr.SelectData):
+    def on_click(sess, color, opacity, background, mode, evt: gr.SelectData):
         if not sess.get("image_id"):
             raise InvalidInput("Upload a photo first.")
         loaded = studio.load(sess["image_id"], sess["owner"])
@@ -238,6 +296,15 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         dx, dy = evt.index
         x = min(loaded.row.width - 1, int((dx + 0.5) * loaded.row.width / dw))
         y = min(loaded.row.height - 1, int((dy + 0.5) * loaded.row.height / dh))
+        if mode in (MODE_INCLUDE, MODE_EXCLUDE):
+            # Object mode: each click adds an include (or exclude) point; the object is previewed.
+            points = (sess.get("points") or []) + [[x, y, 0 if mode == MODE_EXCLUDE else 1]]
+            if not any(p[2] == 1 for p in points):
+                raise InvalidInput("Start an object with an include point.")
+            sess["preview"] = studio.preview_object(
+                sess["image_id"], [p[:2] for p in points], [p[2] for p in points], sess["owner"])
+            sess["points"] = points
+            return view(sess, background)
         found = studio.mask_at_point(sess["image_id"], x, y, sess["owner"])
         if found["mask_id"] is None:
             sess["click"], sess["candidates"] = [x, y], []
@@ -254,6 +321,24 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             target = cands[0]
         sess["click"], sess["candidates"] = [x, y], cands
         paint(sess, target, hex_to_rgba(color, opacity), replace=replace)
+        return view(sess, background)
+
+    @user_errors
+    def on_keep_object(sess, color, opacity, background):
+        """Store the previewed object as a new mask of this image, selected and painted."""
+        if not sess.get("preview"):
+            raise InvalidInput("Choose 'Add object: include' above the picture and click the object first.")
+        loaded = studio.load(sess["image_id"], sess["owner"])
+        added = studio.add_object_mask(loaded, sess["preview"])
+        sess["points"], sess["preview"] = [], None
+        sess["click"], sess["candidates"] = None, []
+        paint(sess, added["mask_id"], hex_to_rgba(color, opacity))
+        gr.Info(f"Stored the object as mask {added['mask_id']}.")
+        return view(sess, background, gallery=True)
+
+    @user_errors
+    def on_reset_points(sess, background):
+        sess["points"], sess["preview"] = [], None
         return view(sess, background)
 
     @user_errors
@@ -348,7 +433,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             if original_image_b64 is None:
                 raise InvalidInput("Send an image: `image` as a file, or `original_image_b64`.")
             data = imaging.decode_base64(original_image_b64)
-        return studio.generate_and_store(data, image_id=image_id, owner=caller.owner)
+        return studio.generate_and_store(data, image_id=image_id, owner=caller.owner,
+                                         address=client_address(request))
 
     def render_masks(
         image_id: str, render_instructions: list[dict], background: str = "original", request: gr.Request = None
@@ -382,8 +468,37 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         """A COCO dict (RLE segmentations) of all masks, or of the listed mask ids."""
         return studio.export_coco(image_id, mask_ids, api_caller(request).scope)
 
+    def segment(
+        image: FileData | None = None,
+        image_id: str | None = None,
+        points: list[list[float]] | None = None,
+        point_labels: list[int] | None = None,
+        box: list[float] | None = None,
+        request: gr.Request = None,
+    ) -> dict:
+        """One object from points (label 1 include, 0 exclude) and/or a box [x0, y0, x1, y1], stored as a mask
+        of a new image (`image`) or of a stored one (`image_id`). Returns {"image_id", "mask_id", "mask_url"}."""
+        caller = api_caller(request)
+        data = _upload_bytes(image)
+        if data is None and not image_id:
+            raise InvalidInput("Send an image file (`image`), or the `image_id` of a stored image.")
+        return studio.segment_object(
+            data=data, image_id=image_id, points=points, point_labels=point_labels, box=box,
+            owner=caller.owner if data is not None else caller.scope, address=client_address(request),
+        )
+
+    def retry_uploads(request: gr.Request = None) -> dict:
+        """Upload to S3 every mask whose upload failed earlier. Returns {"message", "uploaded", "failed"}."""
+        return studio.retry_uploads(api_caller(request).scope)
+
+    def share_render(
+        image_id: str, render_instructions: list[dict], background: str = "original", request: gr.Request = None
+    ) -> dict:
+        """Upload a rendered composite to S3. Returns {"image_id", "url", "key"}."""
+        return studio.share_render(image_id, render_instructions, background, api_caller(request).scope)
+
     api_functions = [generate_and_store_masks, render_masks, image_info, list_images, mask_at_point,
-                     delete_image, get_mask, export_coco]
+                     delete_image, get_mask, export_coco, segment, retry_uploads, share_render]
 
     # ---- layout ------------------------------------------------------------------------------
     with gr.Blocks(title="Mask Studio", delete_cache=(3600, 3600)) as demo:
@@ -391,17 +506,26 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         browser_key = gr.BrowserState(None, storage_key="mask-studio-owner")
         gr.Markdown("# Mask Studio\nUpload a photo, click the picture to pick a mask, colour it.",
                     elem_id="title")
+        if settings.hf_login and oauth_available():
+            gr.LoginButton(elem_id="login")  # signed in, your library follows your HF account
         status = gr.Markdown(elem_id="status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):
+                # Upload first: it is what a new visitor does first, on a phone as on a desktop.
+                upload = gr.File(label="Upload a photo", file_types=["image"], elem_id="upload",
+                                 height=130)
+                # Hidden until there is a picture: no big empty box before the first upload.
                 composite = gr.Image(label="Composite (click to select)", elem_id="composite",
                                      interactive=False, type="filepath", buttons=["fullscreen"],
-                                     height=560)
+                                     height=None, visible=False)
                 selection = gr.Markdown(selection_text(new_session()), elem_id="selection")
+                with gr.Row():
+                    mode = gr.Radio([MODE_SELECT, MODE_INCLUDE, MODE_EXCLUDE], value=MODE_SELECT,
+                                    label="A click on the picture", elem_id="click_mode", scale=3)
+                    keep_object = gr.Button("Keep object", elem_id="keep_object", size="sm", scale=1)
+                    reset_points = gr.Button("Reset points", elem_id="reset_points", size="sm", scale=1)
             with gr.Column(scale=2, min_width=300):
-                upload = gr.File(label="Upload a photo", file_types=["image"], elem_id="upload",
-                                 height=120)
-                custom_id = gr.Textbox(label="Image id (optional)", elem_id="custom_id",
+                custom_id = gr.Textbox(label="Image id for the next upload (optional)", elem_id="custom_id",
                                        placeholder="auto: img_YYYYMMDD_HHMMSS_xxxxxxxx", max_lines=1)
                 with gr.Row():
                     color = gr.ColorPicker(value=DEFAULT_COLOR, label="Colour", elem_id="color")
@@ -416,7 +540,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
                 painted = gr.Dataframe(headers=["mask", "colour", "alpha"], value=[], label="Painted masks",
                                        elem_id="painted", interactive=False, max_height=220)
         gallery = gr.Gallery(label="Masks, largest first (click to select)", elem_id="gallery",
-                             columns=8, height=300, allow_preview=False, object_fit="contain")
+                             columns=8, fit_columns=False, height=300, allow_preview=False,
+                             object_fit="contain", visible=False)
         with gr.Accordion("Download", open=False, elem_id="downloads_panel"):
             with gr.Row():
                 dl_png = gr.Button("Composite (PNG, full size)", elem_id="dl_png", size="sm")
@@ -431,9 +556,13 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
 
         shown = [sess, composite, selection, painted]
         private = {"api_visibility": "private"}
-        upload.upload(on_upload, [upload, custom_id, sess, background], shown + [gallery, library, status],
+        upload.upload(on_upload, [upload, custom_id, sess, background],
+                      shown + [gallery, library, status, upload, custom_id],
                       concurrency_id="segment", concurrency_limit=2, **private)
-        composite.select(on_click, [sess, color, opacity, background], shown, **private)
+        composite.select(on_click, [sess, color, opacity, background, mode], shown, **private)
+        keep_object.click(on_keep_object, [sess, color, opacity, background], shown + [gallery],
+                          concurrency_id="segment", concurrency_limit=2, **private)
+        reset_points.click(on_reset_points, [sess, background], shown, **private)
         gallery.select(on_gallery, [sess, color, opacity, background], shown, **private)
         color.change(on_color, [sess, color, opacity, background], shown, **private)
         opacity.release(on_color, [sess, color, opacity, background], shown, **private)
@@ -447,18 +576,21 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         open_btn.click(on_open, [library, sess, background], shown + [gallery], **private)
         delete_btn.click(on_delete, [library, sess, background], shown + [gallery, library], **private)
         @user_errors
-        def on_load(browser_key, sess):
+        def on_load(browser_key, sess, profile: gr.OAuthProfile | None = None):
             # Each browser keeps a random key of its own: its anonymous owner when AUTH_MODE=keys.
+            # Signed in with Hugging Face (HF_LOGIN / on a Space), the owner is "hf:<username>".
             browser_key = browser_key or secrets.token_urlsafe(24)
-            sess = new_session(None, access.browser_caller(browser_key).owner)
+            username = profile.username if profile is not None else None
+            sess = new_session(None, access.browser_caller(browser_key, username).owner)
             return browser_key, sess, library_choices(sess["owner"]), status_text()
 
         demo.load(on_load, [browser_key, sess], [browser_key, sess, library, status], **private)
 
         for fn in api_functions:
+            heavy = fn in (generate_and_store_masks, segment)
             gr.api(user_errors(fn), api_name=fn.__name__,
-                   concurrency_id="segment" if fn is generate_and_store_masks else None,
-                   concurrency_limit=2 if fn is generate_and_store_masks else 8)
+                   concurrency_id="segment" if heavy else None,
+                   concurrency_limit=2 if heavy else 8)
     return demo
 
 
@@ -473,9 +605,25 @@ def create_studio(settings: Settings) -> Studio:
         make_segmenter(settings),
         Database(settings.db_path),
         LocalBlobStore(settings.blob_dir),
+        S3BlobStore.from_settings(settings),
     )
+    studio.purge_expired()
     studio.cleanup_orphans()
+    if studio.s3 is not None and studio.check_s3()[0]:
+        # Checked once (log + status line); uploads a crash or an outage left pending go in the background.
+        threading.Thread(target=_retry_in_background, args=(studio,), daemon=True).start()
+    if settings.retention_days > 0:
+        run_periodically(studio.purge_expired, RETENTION_SWEEP_S, "retention sweep")
     return studio
+
+
+def _retry_in_background(studio: Studio) -> None:
+    try:
+        result = studio.retry_uploads(None)
+        if result["uploaded"] or result["failed"]:
+            log.info("S3 at start-up: %s", result["message"])
+    except MaskStudioError as exc:
+        log.warning("S3 at start-up: %s", exc.message)
 
 
 def launch(settings: Settings, studio: Studio, **kwargs):
@@ -486,6 +634,7 @@ def launch(settings: Settings, studio: Studio, **kwargs):
         server_port=settings.port,
         max_file_size=f"{settings.max_upload_mb}mb",
         show_error=False,
+        css=CSS,
         **kwargs,
     )
 

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import sqlite_utils
 
-from errors import Conflict, InvalidInput, NotFound, StorageError
+from errors import Conflict, InvalidInput, LimitExceeded, NotFound, StorageError
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,255}$")
 
@@ -180,6 +180,13 @@ CREATE TABLE IF NOT EXISTS masks (
     PRIMARY KEY (image_id, mask_id)
 );
 CREATE INDEX IF NOT EXISTS masks_upload_state ON masks(upload_state);
+CREATE TABLE IF NOT EXISTS objects (
+    key TEXT PRIMARY KEY,
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    upload_state TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS objects_image ON objects(image_id);
 """
 
 _IMAGE_COLS = "id, owner, width, height, created_at, engine, mask_count, blob_key"
@@ -234,12 +241,17 @@ class Database:
         except sqlite3.Error as exc:
             raise StorageError(f"The database could not be read ({exc}).") from exc
 
-    def _write(self, statements: list[tuple[str, Sequence]] | None = None, many=None) -> None:
-        """Run statements in ONE transaction: all of them land, or none does."""
+    def _write(self, statements: list[tuple[str, Sequence]] | None = None, many=None, guard=None) -> None:
+        """Run statements in ONE transaction: all of them land, or none does.
+
+        `guard(conn)` runs first inside the transaction (under the write lock): it may raise to refuse.
+        """
         conn = self.db.conn
         with self._write_lock:
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                if guard is not None:
+                    guard(conn)
                 for sql, params in statements or []:
                     conn.execute(sql, params)
                 for sql, rows in many or []:
@@ -258,15 +270,26 @@ class Database:
                 raise
 
     # ---- images --------------------------------------------------------------------------
-    def insert_image(self, row: ImageRow, masks: list[MaskRow]) -> None:
-        """Insert an image and its masks in one transaction (an id already taken: Conflict)."""
+    def insert_image(self, row: ImageRow, masks: list[MaskRow], max_per_owner: int = 0) -> None:
+        """Insert an image and its masks in one transaction (an id already taken: Conflict).
+
+        With max_per_owner > 0 the owner's count is checked inside the same transaction, so two
+        concurrent inserts can never take an owner past it (LimitExceeded).
+        """
         if self.image_exists(row.id):
             raise Conflict(f"Image id {row.id!r} is already taken: choose another id, or delete that image first.")
+
+        def quota(conn: sqlite3.Connection) -> None:
+            (count,) = conn.execute("SELECT count(*) FROM images WHERE owner = ?", (row.owner,)).fetchone()
+            if count >= max_per_owner:
+                raise LimitExceeded(f"Owner {row.owner!r} already has {count} images (the most is {max_per_owner}).")
+
         try:
             self._write(
                 [("INSERT INTO images (" + _IMAGE_COLS + ") VALUES (?,?,?,?,?,?,?,?)", _image_values(row))],
                 many=[("INSERT INTO masks (" + _MASK_COLS + ") VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                        [_mask_values(m) for m in masks])],
+                guard=quota if max_per_owner > 0 else None,
             )
         except Conflict:
             raise Conflict(
@@ -342,9 +365,34 @@ class Database:
             )]
         )
 
-    def pending_uploads(self, limit: int = 10_000) -> list[MaskRow]:
-        rows = self._q(f"SELECT {_MASK_COLS} FROM masks WHERE upload_state = 'pending' LIMIT ?", (limit,))
+    def pending_uploads(self, owner: str | None = None, limit: int = 10_000) -> list[MaskRow]:
+        """Masks whose S3 upload has not succeeded yet (of one owner's images, or everyone's)."""
+        cols = ", ".join(f"m.{c.strip()}" for c in _MASK_COLS.split(","))
+        sql = f"SELECT {cols} FROM masks m JOIN images i ON i.id = m.image_id WHERE m.upload_state = 'pending'"
+        params: tuple = ()
+        if owner is not None:
+            sql += " AND i.owner = ?"
+            params = (owner,)
+        rows = self._q(sql + " LIMIT ?", params + (limit,))
         return [_mask_row(r) for r in rows]
+
+    # ---- other S3 objects of an image (original, shared renders) ------------------------------
+    def add_object(self, image_id: str, key: str, kind: str, upload_state: str) -> None:
+        self._write([("INSERT OR REPLACE INTO objects (key, image_id, kind, upload_state) VALUES (?,?,?,?)",
+                      (key, image_id, kind, upload_state))])
+
+    def objects(self, image_id: str) -> list[tuple[str, str, str]]:
+        """(key, kind, upload_state) of an image's other S3 objects."""
+        return [tuple(r) for r in self._q("SELECT key, kind, upload_state FROM objects WHERE image_id = ?",
+                                          (image_id,))]
+
+    def pending_objects(self) -> list[tuple[str, str, str]]:
+        """(key, image_id, kind) of objects whose upload has not succeeded yet."""
+        return [tuple(r) for r in self._q(
+            "SELECT key, image_id, kind FROM objects WHERE upload_state = 'pending'")]
+
+    def set_object_state(self, key: str, upload_state: str) -> None:
+        self._write([("UPDATE objects SET upload_state = ? WHERE key = ?", (upload_state, key))])
 
     def integrity_ok(self) -> bool:
         return self._q("PRAGMA integrity_check")[0][0] == "ok"

@@ -12,7 +12,9 @@ import logging
 import math
 import secrets
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +22,9 @@ import numpy as np
 import imaging
 import masks as rle
 import render
-from errors import Conflict, InvalidInput, NotFound, SegmentationRejected
+from errors import Conflict, InvalidInput, LimitExceeded, NotFound, SegmentationRejected, StorageError
+from limits import RateLimiter, minutes_text
+from s3_store import S3BlobStore, UploadReport
 from sam2_client import Progress, Segmenter
 from settings import Settings
 from storage import BlobStore, Database, ImageRow, MaskRow, check_image_id, new_image_id
@@ -91,14 +95,58 @@ def check_mask_id(mask_id: object) -> int:
 
 
 class Studio:
-    def __init__(self, settings: Settings, segmenter: Segmenter, db: Database, blobs: BlobStore):
+    def __init__(
+        self,
+        settings: Settings,
+        segmenter: Segmenter,
+        db: Database,
+        blobs: BlobStore,
+        s3: S3BlobStore | None = None,
+    ):
         self.settings = settings
         self.segmenter = segmenter
         self.db = db
         self.blobs = blobs
+        self.s3 = s3
+        self.s3_status: tuple[bool, str] = (True, "off (no bucket configured: mask_url stays null)")
         self._cache: OrderedDict[str, Loaded] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
+        self.segment_limiter = RateLimiter(settings.segment_rate_limit)
+
+    # ---- abuse limits ------------------------------------------------------------------------
+    def allow_segmentation(self, owner: str, address: str | None = None) -> None:
+        """Count one segmentation for the owner and the client address, or raise LimitExceeded.
+
+        Every path that calls the segmenter (ingest, and prompt segmentation) calls this first.
+        """
+        keys = [f"owner:{owner}"] + ([f"addr:{address}"] if address else [])
+        refused = self.segment_limiter.hit(keys)
+        if refused is None:
+            return
+        key, wait_s = refused
+        n = self.segment_limiter.limit
+        who = "You have used your" if key.startswith("owner:") else "Your network address has used its"
+        raise LimitExceeded(
+            f"{who} {n} segmentations for this hour (SEGMENT_RATE_LIMIT); "
+            f"the next one is possible in {minutes_text(wait_s)}."
+        )
+
+    def check_room(self, owner: str, count: int | None = None) -> None:
+        """Raise LimitExceeded when the owner already stores MAX_IMAGES_PER_OWNER images."""
+        limit = self.settings.max_images_per_owner
+        if limit <= 0:
+            return
+        count = self.db.count_images(owner) if count is None else count
+        if count < limit:
+            return
+        later = ""
+        if self.settings.retention_days > 0:
+            later = f", or wait until your oldest image expires (RETENTION_DAYS = {self.settings.retention_days:g})"
+        raise LimitExceeded(
+            f"You have stored {count} images, the most allowed (MAX_IMAGES_PER_OWNER = {limit}); "
+            f"delete one in the library (or with /delete_image) to make room{later}."
+        )
 
     # ---- ingest ----------------------------------------------------------------------------
     def generate_and_store(
@@ -108,9 +156,32 @@ class Studio:
         image_id: str | None = None,
         owner: str = "local",
         progress: Progress | None = None,
+        address: str | None = None,
     ) -> dict:
-        """Decode, segment, store (one transaction) and index an image; returns the API summary."""
+        """Decode, segment, store (one transaction) and index an image; returns the API summary.
+
+        `address` is the client's network address: segmentations are limited per owner and per address.
+        """
         say = progress or (lambda f, t: None)
+
+        def automatic(rgb: np.ndarray) -> list[dict]:
+            h, w = rgb.shape[:2]
+            say(0.05, f"Segmenting {w}×{h} with the {self.segmenter.engine}")
+            return self.segmenter.generate(rgb, progress=_fraction(progress, 0.05, 0.75))
+
+        return self._ingest(data, image_id, owner, address, automatic, say)
+
+    def _ingest(
+        self,
+        data: bytes,
+        image_id: str | None,
+        owner: str,
+        address: str | None,
+        records_for: Callable[[np.ndarray], list[dict]],
+        say: Progress,
+    ) -> dict:
+        """The one ingest path: checks, segmentation, blob + one DB transaction, index, S3 uploads."""
+        self.check_room(owner)  # before segmenting: a full library must not cost a segmentation
         if image_id is not None and image_id != "":
             image_id = check_image_id(image_id)
             if self.db.image_exists(image_id):
@@ -124,10 +195,9 @@ class Studio:
             data, max_pixels=self.settings.max_image_pixels, max_bytes=self.settings.max_upload_bytes
         )
         h, w = rgb.shape[:2]
-        say(0.05, f"Segmenting {w}×{h} with the {self.segmenter.engine}")
-        records = self.segmenter.generate(rgb, progress=_fraction(progress, 0.05, 0.8))
-        mask_rows = self._mask_rows(image_id, records, (h, w))
-        say(0.82, f"Storing {len(mask_rows)} masks")
+        self.allow_segmentation(owner, address)  # counted when attempted, whatever the outcome
+        mask_rows = self._mask_rows(image_id, records_for(rgb), (h, w))
+        say(0.78, f"Storing {len(mask_rows)} masks")
         row = ImageRow(
             id=image_id,
             owner=owner,
@@ -140,12 +210,24 @@ class Studio:
         )
         self.blobs.put(row.blob_key, imaging.encode_png(rgb), "image/png")
         try:
-            self.db.insert_image(row, mask_rows)
+            self.db.insert_image(row, mask_rows, max_per_owner=self.settings.max_images_per_owner)
+        except LimitExceeded:
+            # Another upload of the same owner committed first: the quota is checked atomically there.
+            self.blobs.delete(row.blob_key)
+            self.check_room(owner, max(self.db.count_images(owner), self.settings.max_images_per_owner))
+            raise
         except BaseException:
             self.blobs.delete(row.blob_key)
             raise
-        say(0.9, "Indexing masks")
-        self._remember(self._build(row, rgb, mask_rows))
+        say(0.82, "Indexing masks")
+        loaded = self._build(row, rgb, mask_rows)
+        self._remember(loaded)
+        s3 = None
+        if self.s3 is not None:
+            say(0.85, f"Uploading {len(mask_rows)} masks to S3")
+            s3 = self._upload_masks(loaded, mask_rows, _fraction(say, 0.85, 1.0)).counts()
+            if self.settings.s3_upload_originals:
+                self._upload_original(row, rgb)
         say(1.0, "Done")
         return {
             "message": f"Stored {len(mask_rows)} masks for image {image_id}.",
@@ -154,6 +236,7 @@ class Studio:
             "image_dimensions": {"width": w, "height": h},
             "mask_ids": [m.mask_id for m in mask_rows],
             "engine": row.engine,
+            "s3": s3,
         }
 
     def _mask_rows(self, image_id: str, records: list[dict], shape: tuple[int, int]) -> list[MaskRow]:
@@ -196,8 +279,8 @@ class Studio:
                     stability_score=_opt_float(rec.get("stability_score")),
                     point_coords=rec.get("point_coords"),
                     mask_url=None,
-                    s3_key=None,
-                    upload_state="none",
+                    s3_key=self.s3.new_mask_key() if self.s3 is not None else None,
+                    upload_state="pending" if self.s3 is not None else "none",
                 )
             )
         return rows
@@ -276,7 +359,10 @@ class Studio:
         }
 
     def mask_url(self, m: MaskRow) -> str | None:
-        return m.mask_url
+        """The mask's S3 URL (presigned ones are issued fresh each time), or None until it is uploaded."""
+        if self.s3 is None or m.upload_state != "uploaded" or not m.s3_key:
+            return None
+        return self.s3.url_for(m.s3_key)
 
     def list_images(self, owner: str | None) -> list[dict]:
         return [r.summary() for r in self.db.list_images(owner, limit=MAX_LIST)]
@@ -380,10 +466,193 @@ class Studio:
         if not isinstance(image_id, str) or not image_id:
             raise InvalidInput("image_id is required.")
         row = self.db.get_image(check_image_id_lenient(image_id), owner)
+        self._delete_row(row)
+        return {"message": f"Image {row.id} and its {row.mask_count} masks were deleted.", "image_id": row.id}
+
+    def _delete_row(self, row: ImageRow) -> None:
+        # The row goes first, in one transaction: a crash right after it leaves only an orphaned blob,
+        # which cleanup_orphans removes at the next start. The other order could leave a listed image
+        # whose pixels are gone.
+        s3_keys = self._s3_keys(row.id) if self.s3 is not None else []
         self.db.delete_image(row.id)
         self._forget(row.id)
         self.blobs.delete(row.blob_key)
-        return {"message": f"Image {row.id} and its {row.mask_count} masks were deleted.", "image_id": row.id}
+        if s3_keys:
+            try:
+                self.s3.delete_many(s3_keys)
+            except StorageError as exc:
+                log.warning("S3: could not delete the objects of %s: %s", row.id, exc.message)
+
+    def purge_expired(self, now: dt.datetime | None = None) -> int:
+        """Delete images older than RETENTION_DAYS (with their blobs); returns how many."""
+        days = self.settings.retention_days
+        if days <= 0:
+            return 0
+        now = now or dt.datetime.now(dt.timezone.utc)
+        cutoff = (now - dt.timedelta(days=days)).isoformat(timespec="seconds")
+        expired = self.db.images_older_than(cutoff)
+        for row in expired:
+            self._delete_row(row)
+        if expired:
+            log.info("Retention: deleted %d image(s) older than %g days.", len(expired), days)
+        return len(expired)
+
+    # ---- prompt segmentation (the old service's /segment) -----------------------------------------
+    def segment_object(
+        self,
+        *,
+        data: bytes | None = None,
+        image_id: str | None = None,
+        points: object = None,
+        point_labels: object = None,
+        box: object = None,
+        owner: str = "local",
+        address: str | None = None,
+    ) -> dict:
+        """One object's mask from points/box, stored with a new image (data) or a stored one (image_id)."""
+        if data is not None:
+            def prompted(rgb: np.ndarray) -> list[dict]:
+                pts, labels, bx = check_prompt(points, point_labels, box, rgb.shape[1], rgb.shape[0])
+                return [self.segmenter.segment(rgb, points=pts, point_labels=labels, box=bx)]
+
+            out = self._ingest(data, image_id, owner, address, prompted, lambda f, t: None)
+            loaded = self.load(out["image_id"], owner)
+            m = loaded.masks[out["mask_ids"][0]] if out["mask_ids"] else None
+            if m is None:
+                raise SegmentationRejected("The segmenter found no object at those prompts.")
+            return {"image_id": out["image_id"], "mask_id": m.mask_id, "mask_url": self.mask_url(m)}
+        loaded = self.load(image_id, owner)
+        pts, labels, bx = check_prompt(points, point_labels, box, loaded.row.width, loaded.row.height)
+        self.allow_segmentation(owner, address)
+        record = self.segmenter.segment(loaded.rgb, points=pts, point_labels=labels, box=bx)
+        return self.add_object_mask(loaded, record)
+
+    def preview_object(self, image_id: str, points: object, point_labels: object, owner: str | None) -> dict:
+        """The object mask for prompts without storing it (the UI's live preview); a SAM2 record."""
+        loaded = self.load(image_id, owner)
+        pts, labels, _ = check_prompt(points, point_labels, None, loaded.row.width, loaded.row.height)
+        return self.segmenter.segment(loaded.rgb, points=pts, point_labels=labels, box=None)
+
+    def add_object_mask(self, loaded: Loaded, record: dict) -> dict:
+        """Store one more mask (from a prompt) with an image; S3 upload when configured."""
+        r = loaded.row
+        rows = self._mask_rows(r.id, [record], (r.height, r.width))
+        if not rows:
+            raise SegmentationRejected("The segmenter found no object at those prompts.")
+        m = self.db.add_mask(rows[0])
+        self._forget(r.id)
+        if self.s3 is not None:
+            self._upload_masks(self.load(r.id, None), [m])
+            m = self.load(r.id, None).masks[m.mask_id]
+        return {"image_id": r.id, "mask_id": m.mask_id, "mask_url": self.mask_url(m)}
+
+    # ---- health of the segmenter, never blocking a page ------------------------------------------
+    def health(self, max_age_s: float = 30.0) -> tuple[bool, str]:
+        """The segmenter's last known health; refreshed in the background when older than max_age_s."""
+        now = time.monotonic()
+        with self._cache_lock:
+            last = getattr(self, "_health", None)
+            stale = last is None or now - last[0] > max_age_s
+            if stale and not getattr(self, "_health_running", False):
+                self._health_running = True
+                threading.Thread(target=self._refresh_health, daemon=True).start()
+        return last[1] if last is not None else (True, f"{self.segmenter.engine}: checking…")
+
+    def _refresh_health(self) -> None:
+        try:
+            result = self.segmenter.health()
+        except Exception as exc:  # health() must never raise; if it does, show it, don't crash
+            result = (False, f"health check failed ({type(exc).__name__})")
+        with self._cache_lock:
+            self._health = (time.monotonic(), result)
+            self._health_running = False
+
+    # ---- S3 ------------------------------------------------------------------------------------
+    def check_s3(self) -> tuple[bool, str]:
+        """Check the bucket once (at start-up): the sentence goes to the log and the status line."""
+        if self.s3 is None:
+            return self.s3_status
+        ok, sentence = self.s3.check()
+        self.s3_status = (ok, sentence)
+        (log.info if ok else log.warning)("S3: %s", sentence)
+        return self.s3_status
+
+    def _upload_masks(self, loaded: Loaded, rows: list[MaskRow], progress: Progress | None = None) -> UploadReport:
+        """Upload masks as PNGs (0/255, image size), concurrently; a failure leaves them pending."""
+        assert self.s3 is not None
+        total = len(rows)
+        items = ((m.s3_key, rle.to_png(loaded.index.mask(m.mask_id))) for m in rows)
+        on_progress = (lambda done, n: progress(done / max(1, n), f"Uploaded {done} of {total} masks to S3")) \
+            if progress else None
+        report = self.s3.upload_many(items, progress=on_progress, content_type="image/png")
+        failed = set(report.failed)
+        updates = [
+            (m.mask_id, None if m.s3_key in failed else self.s3.url_for(m.s3_key) if self.settings.s3_url_mode
+             == "public" else None, m.s3_key, "pending" if m.s3_key in failed else "uploaded")
+            for m in rows
+        ]
+        self.db.set_mask_urls(loaded.row.id, updates)
+        if report.failed:
+            log.warning("S3: %d of %d mask uploads of %s failed; they stay pending and are retried later.",
+                        report.n_failed, total, loaded.row.id)
+        self._forget(loaded.row.id)  # the cached rows' upload states changed
+        return report
+
+    def _upload_original(self, row: ImageRow, rgb: np.ndarray) -> None:
+        assert self.s3 is not None
+        key = self.s3.new_key(".png")
+        self.db.add_object(row.id, key, "original", "pending")
+        report = self.s3.upload_many([(key, imaging.encode_png(rgb))], content_type="image/png")
+        if report.ok:
+            self.db.set_object_state(key, "uploaded")
+
+    def retry_uploads(self, owner: str | None = None) -> dict:
+        """Upload every mask (and original) still pending: after a failure, at start-up and on request."""
+        if self.s3 is None:
+            raise InvalidInput("S3 is not configured (set S3_BUCKET_NAME_STAGING): there is nothing to upload.")
+        pending = self.db.pending_uploads(owner)
+        by_image: dict[str, list[MaskRow]] = {}
+        for m in pending:
+            by_image.setdefault(m.image_id, []).append(m)
+        uploaded = failed = 0
+        for image_id, rows in by_image.items():
+            try:
+                loaded = self.load(image_id, None)
+            except NotFound:
+                continue  # deleted meanwhile
+            report = self._upload_masks(loaded, rows)
+            uploaded += report.n_uploaded
+            failed += report.n_failed
+        if owner is None:
+            for key, image_id, _kind in self.db.pending_objects():
+                try:
+                    rgb = self.load(image_id, None).rgb
+                except NotFound:
+                    continue
+                if self.s3.upload_many([(key, imaging.encode_png(rgb))], content_type="image/png").ok:
+                    self.db.set_object_state(key, "uploaded")
+                    uploaded += 1
+                else:
+                    failed += 1
+        message = (f"Uploaded {uploaded} pending object(s) to S3." if not failed
+                   else f"Uploaded {uploaded} pending object(s); {failed} still failed and stay pending.")
+        return {"message": message, "uploaded": uploaded, "failed": failed}
+
+    def share_render(self, image_id: object, instructions: object, background: object, owner: str | None) -> dict:
+        """Upload a rendered composite to S3 and return its URL."""
+        if self.s3 is None:
+            raise InvalidInput("Sharing needs S3: set S3_BUCKET_NAME_STAGING (and credentials) first.")
+        arr = self.render(image_id, instructions, background, owner)
+        row = self.load(image_id, owner).row
+        key = self.s3.new_key(".png")
+        self.db.add_object(row.id, key, "render", "pending")
+        self.s3.put(key, imaging.encode_png(arr), "image/png")
+        self.db.set_object_state(key, "uploaded")
+        return {"image_id": row.id, "url": self.s3.url_for(key), "key": key}
+
+    def _s3_keys(self, image_id: str) -> list[str]:
+        keys = [m.s3_key for m in self.db.masks(image_id) if m.s3_key]
+        return keys + [key for key, _, _ in self.db.objects(image_id)]
 
     def cleanup_orphans(self) -> int:
         """Remove blobs no image refers to (left by a crash between blob write and commit)."""
@@ -396,6 +665,44 @@ class Studio:
         if removed:
             log.info("Removed %d orphaned blob(s) left by an interrupted ingest or delete.", removed)
         return removed
+
+
+def check_prompt(points: object, point_labels: object, box: object, width: int, height: int):
+    """Validate point/box prompts against the image size: (points, labels, box) ready for a segmenter."""
+    pts: list[list[int]] = []
+    if points is not None:
+        if not isinstance(points, (list, tuple)) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in points
+        ):
+            raise InvalidInput("points must be a list of [x, y] pairs, e.g. [[120, 80], [200, 90]].")
+        if len(points) > 64:
+            raise InvalidInput(f"At most 64 points, got {len(points)}.")
+        pts = [list(check_point(p[0], p[1], width, height)) for p in points]
+    if point_labels is None:
+        labels = [1] * len(pts)
+    else:
+        if not isinstance(point_labels, (list, tuple)) or any(
+            isinstance(v, bool) or v not in (0, 1) for v in point_labels
+        ):
+            raise InvalidInput("point_labels must be a list of 1 (include) and 0 (exclude), one per point.")
+        labels = [int(v) for v in point_labels]
+        if len(labels) != len(pts):
+            raise InvalidInput(f"point_labels has {len(labels)} labels for {len(pts)} points: give one per point.")
+    bx = None
+    if box is not None:
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in box
+        ):
+            raise InvalidInput("box must be [x0, y0, x1, y1] in pixels.")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise InvalidInput(
+                f"box {list(box)} must have x0 < x1 and y0 < y1 inside the image, which is {width}×{height} pixels."
+            )
+        bx = [x0, y0, x1, y1]
+    if not any(lab == 1 for lab in labels) and bx is None:
+        raise InvalidInput("Give at least one include point (label 1) or a box.")
+    return pts or None, labels or None, bx
 
 
 def check_image_id_lenient(image_id: str) -> str:

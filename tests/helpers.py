@@ -74,7 +74,16 @@ class RecordsSegmenter:
         return [record(m) for m in self.masks_for_shape(h, w)]
 
     def segment(self, image, *, points=None, point_labels=None, box=None):
-        raise NotImplementedError
+        """The smallest of its masks holding every include point and no exclude point."""
+        h, w = image.shape[:2]
+        labels = point_labels or [1] * len(points or [])
+        fits = [m for m in self.masks_for_shape(h, w)
+                if all(bool(m[int(y), int(x)]) == bool(lab) for (x, y), lab in zip(points or [], labels))]
+        if not fits:
+            from errors import SegmentationRejected
+
+            raise SegmentationRejected("No mask fits those points.")
+        return record(min(fits, key=lambda m: int(m.sum())))
 
     def health(self):
         return True, "ready"
