@@ -1,0 +1,133 @@
+"""The app's endpoints with an external SAM2 service (a real HTTP server on loopback), and /segment."""
+
+import base64
+import logging
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+import masks as rle
+from app_server import running_app
+from helpers import encode, house_masks, make_photo
+from sam2_server import Reply, SamServer
+
+H, W = 96, 128
+TOKEN = "sk-service-token-never-shown-123"
+
+
+@pytest.fixture(scope="module")
+def sam():
+    with SamServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def app(sam, tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("data"), sam_api_url=sam.url, sam_api_token=TOKEN,
+                     sam_api_timeout=3.0, sam_api_retries=1) as (url, studio, settings):
+        studio.segmenter._backoff = 0.05 if hasattr(studio.segmenter, "_backoff") else None
+        yield url, studio
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app[0], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "house.png"
+    path.write_bytes(encode(make_photo(H, W)))
+    return str(path)
+
+
+def sam_records():
+    return {"masks": [{"segmentation": rle.encode(m), "predicted_iou": 0.9, "stability_score": 0.97}
+                      for m in house_masks(H, W)]}
+
+
+def test_masks_come_from_the_service(sam, client, app, photo):
+    sam.add("POST", "/segment", Reply(json=sam_records()))
+    out = client.predict(handle_file(photo), "svc", api_name="/generate_and_store_masks")
+    assert out["mask_count"] == 4 and out["engine"] == f"SAM2 service at {sam.url}"
+    req = sam.requests_to("POST", "/segment")[-1]
+    assert req.headers["Authorization"] == f"Bearer {TOKEN}"
+    body = req.json()
+    assert body["mode"] == "auto" and base64.b64decode(body["image"])[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0")
+    info = client.predict("svc", api_name="/image_info")
+    assert info["engine"] == f"SAM2 service at {sam.url}"
+    assert sorted(m["predicted_iou"] for m in info["available_masks"]) == [0.9] * 4
+
+
+@pytest.mark.parametrize(
+    "replies, message",
+    [
+        ([Reply(status=401, json={"detail": "bad token"})], "refused the token"),
+        ([Reply(status=500)] * 2, "500"),
+        ([Reply(body=b"<html>oops</html>", headers={"Content-Type": "text/html"})], "JSON"),
+        ([Reply(json={"masks": [{"segmentation": rle.encode(np.ones((5, 5), bool))}]})], "5"),
+        ([Reply(json=sam_records(), delay=5)], "did not answer"),
+    ],
+    ids=["401", "500-twice", "not-json", "wrong-size", "timeout"],
+)
+def test_service_failures_are_clear_and_store_nothing(sam, client, photo, caplog, replies, message):
+    before = len(client.predict(api_name="/list_images"))
+    sam.add("POST", "/segment", *replies)
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(AppError) as info:
+            client.predict(handle_file(photo), api_name="/generate_and_store_masks")
+    assert message.lower() in info.value.message.lower()
+    assert TOKEN not in info.value.message and TOKEN not in caplog.text
+    assert "Traceback" not in info.value.message
+    assert len(client.predict(api_name="/list_images")) == before  # nothing half-stored
+    sam.add("POST", "/segment", Reply(json=sam_records()))  # ...and the next request is served
+    ok = client.predict(handle_file(photo), api_name="/generate_and_store_masks")
+    client.predict(ok["image_id"], api_name="/delete_image")
+
+
+def test_segment_endpoint_sends_prompts(sam, client, photo):
+    window = house_masks(H, W)[1]
+    sam.add("POST", "/segment", Reply(json={"masks": [{"segmentation": rle.encode(window), "predicted_iou": 0.8}]}))
+    out = client.predict(handle_file(photo), None, [[38, 60], [5, 5]], [1, 0], None, api_name="/segment")
+    body = sam.requests_to("POST", "/segment")[-1].json()
+    assert body["mode"] == "points" and body["points"] == [[38, 60], [5, 5]] and body["point_labels"] == [1, 0]
+    assert out["mask_id"] == 0 and out["mask_url"] is None
+    png = client.predict(out["image_id"], 0, api_name="/get_mask")
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(png)) == 255, window)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((None, None, [[1, 1]], None, None), "Send an image file"),
+        ((None, "nope", [[1, 1]], None, None), "No image with id 'nope'"),
+        ((None, "PHOTO", [[1000, 1]], None, None), "outside the image, which is 128×96"),
+        ((None, "PHOTO", [[1, 1]], [1, 0], None), "2 labels for 1 points"),
+        ((None, "PHOTO", None, None, None), "at least one include point"),
+        ((None, "PHOTO", None, None, [50, 50, 10, 10]), "x0 < x1"),
+        ((None, "PHOTO", "1,2", None, None), "list of [x, y] pairs"),
+    ],
+)
+def test_segment_bad_prompts(tmp_path, photo, args, message):
+    with running_app(tmp_path) as (url, studio, _):  # the built-in segmenter answers /segment too
+        c = Client(url, verbose=False)
+        stored = c.predict(handle_file(photo), "PHOTO", api_name="/generate_and_store_masks")
+        assert stored["engine"] == "built-in classical segmenter (offline)"
+        with pytest.raises(AppError) as info:
+            c.predict(*args, api_name="/segment")
+        assert message in info.value.message
+
+
+def test_builtin_segment_on_stored_image(tmp_path, photo):
+    with running_app(tmp_path) as (url, studio, _):
+        c = Client(url, verbose=False)
+        stored = c.predict(handle_file(photo), "PHOTO", api_name="/generate_and_store_masks")
+        out = c.predict(None, "PHOTO", [[38, 60]], [1], None, api_name="/segment")
+        assert out["image_id"] == "PHOTO" and out["mask_id"] == stored["mask_count"]
+        assert c.predict("PHOTO", api_name="/image_info")["mask_count"] == stored["mask_count"] + 1
+        hit = c.predict("PHOTO", 38, 60, api_name="/mask_at_point")
+        assert out["mask_id"] in hit["candidates"]
