@@ -27,7 +27,6 @@ def sam():
 def app(sam, tmp_path_factory):
     with running_app(tmp_path_factory.mktemp("data"), sam_api_url=sam.url, sam_api_token=TOKEN,
                      sam_api_timeout=3.0, sam_api_retries=1) as (url, studio, settings):
-        studio.segmenter._backoff = 0.05 if hasattr(studio.segmenter, "_backoff") else None
         yield url, studio
 
 
