@@ -82,6 +82,6 @@ class Access:
             return Caller(f"hf:{hf_username}")
         if self.open:
             return Caller(LOCAL_OWNER)
-        if not browser_key or not _BROWSER_KEY.match(browser_key):
+        if not browser_key or not _BROWSER_KEY.fullmatch(browser_key):
             raise Unauthorized("This page lost its session key: reload the page.")
         return Caller("anon:" + hashlib.sha256(browser_key.encode()).hexdigest()[:24])

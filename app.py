@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import gradio.utils as gradio_utils
 import numpy as np
 from gradio.data_classes import FileData
 
@@ -113,8 +114,14 @@ def _upload_bytes(image: Any) -> bytes | None:
     if image is None:
         return None
     path = image.get("path") if isinstance(image, dict) else getattr(image, "path", image)
-    if not isinstance(path, (str, Path)):
+    if not isinstance(path, (str, Path)) or not str(path).strip() or "\x00" in str(path):
         raise InvalidInput("image must be an image file (use gradio_client.handle_file(path)).")
+    # gr.api passes a bare string through unchecked: without this, a caller could name any file
+    # on the server (another owner's blob, any picture on disk) and have it ingested.
+    uploads = Path(gradio_utils.get_upload_folder()).resolve()
+    if not Path(path).resolve().is_relative_to(uploads):
+        raise InvalidInput("image must be a file uploaded with the request (gradio_client.handle_file(path)); "
+                           "paths on the server are not accepted.")
     try:
         return Path(path).read_bytes()
     except OSError:

@@ -37,7 +37,7 @@ class BlobStore(Protocol):
 
 
 def check_key(key: str) -> str:
-    if not _KEY.match(key) or ".." in key or "//" in key:
+    if not _KEY.fullmatch(key) or ".." in key or "//" in key:
         raise StorageError(f"Invalid blob key {key!r}.")
     return key
 
@@ -111,7 +111,7 @@ def new_image_id(now: _dt.datetime | None = None) -> str:
 
 def check_image_id(image_id: object) -> str:
     """A caller's image id, validated; the error says what an id may look like."""
-    if not isinstance(image_id, str) or not IMAGE_ID.match(image_id):
+    if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
         shown = repr(image_id) if len(repr(image_id)) <= 80 else repr(image_id)[:77] + "..."
         raise InvalidInput(f"Image id {shown} is not valid: use {ID_RULE}.")
     return image_id

@@ -68,14 +68,20 @@ def _fraction(progress: Progress | None, start: float, end: float) -> Progress |
     return lambda f, text: progress(start + (end - start) * max(0.0, min(1.0, f)), text)
 
 
+def _shown(v: object) -> str:
+    """What the caller sent, cut short: a message must not echo a megabyte back."""
+    text = " ".join(repr(v).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_point(x: object, y: object, width: int, height: int) -> tuple[int, int]:
     """Pixel coordinates as ints inside the image, or a message giving the image's size."""
     out = []
     for name, v in (("x", x), ("y", y)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise InvalidInput(f"{name} must be a number (a pixel coordinate), got {v!r}.")
+            raise InvalidInput(f"{name} must be a number (a pixel coordinate), got {_shown(v)}.")
         if isinstance(v, float) and not math.isfinite(v):
-            raise InvalidInput(f"{name} must be a finite number, got {v!r}.")
+            raise InvalidInput(f"{name} must be a finite number, got {_shown(v)}.")
         out.append(int(math.floor(v)))
     px, py = out
     if not (0 <= px < width and 0 <= py < height):
@@ -90,7 +96,7 @@ def check_mask_id(mask_id: object) -> int:
     if isinstance(mask_id, bool) or not isinstance(mask_id, (int, float)) or (
         isinstance(mask_id, float) and not mask_id.is_integer()
     ):
-        raise InvalidInput(f"mask_id must be a whole number, got {mask_id!r}.")
+        raise InvalidInput(f"mask_id must be a whole number, got {_shown(mask_id)}.")
     return int(mask_id)
 
 

@@ -1,0 +1,204 @@
+"""Bad input on every endpoint: each answer is a clear error (never the generic one), and the app keeps
+serving. Through the real app and gradio_client; NaN through raw HTTP (the client cannot send it);
+property-based tests (hypothesis) for render instructions and coordinates on the Studio service."""
+
+import json
+import math
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import render
+from app import GENERIC_ERROR
+from app_server import running_app
+from errors import InvalidInput, MaskStudioError
+from helpers import RecordsSegmenter, encode, house_masks, make_photo
+from settings import Settings
+from storage import Database, LocalBlobStore
+from studio import Studio
+
+H, W = 48, 64
+HUGE = "x" * 200_000
+ODD_IDS = [12345, 1.5, True, None, "", HUGE, "../etc/passwd", "..%2F..%2Fetc", "a'; DROP TABLE images;--",
+           "' OR '1'='1", "名前🙂", "nul\x00byte", "house\n", ["house"], {"id": "house"}]
+ODD_NUMBERS = [-1, -(2**70), 2**70, 1e308, -1e308, "10", "ten", None, [1], {"x": 1}, True, HUGE]
+GOOD = {"image_id": "house"}
+INSTR = [{"mask_id": 0, "color": "#ff0000"}]
+
+
+def cases():
+    """(endpoint, args, a fragment of the expected message)."""
+    out = []
+    for i in ODD_IDS:
+        for endpoint, extra in [("/image_info", ()), ("/delete_image", ()), ("/mask_at_point", (1, 1)),
+                                ("/get_mask", (0,)), ("/export_coco", (None,)), ("/render_masks", (INSTR,))]:
+            out.append((endpoint, (i, *extra), "image"))
+        if i not in (None, ""):  # (no id: one is generated)
+            out.append(("/generate_and_store_masks", ("PHOTO", i), "Image id"))
+    for n in ODD_NUMBERS:
+        out += [("/mask_at_point", ("house", n, 1), "x"), ("/mask_at_point", ("house", 1, n), "y"),
+                ("/get_mask", ("house", n), "mask"), ("/export_coco", ("house", [n]), "mask"),
+                ("/render_masks", ("house", [{"mask_id": n, "color": "#ff0000"}]), "mask"),
+                ("/render_masks", ("house", [{"mask_id": 0, "color": [n, 0, 0, 255]}]), "olour")]
+        if n is not None:  # (a null colour is the mask's default colour; a null background is "original")
+            out += [("/render_masks", ("house", [{"mask_id": 0, "color": n}]), "olour"),
+                    ("/render_masks", ("house", INSTR, n), "ackground")]
+    out += [
+        ("/export_coco", ("house", "all"), "mask_ids must be a list"),
+        ("/render_masks", ("house", "not json"), "not valid JSON"),
+        ("/render_masks", ("house", 5), "render_instructions"),
+        ("/render_masks", ("house", HUGE), "render_instructions"),
+        ("/render_masks", ("house", [5, "x"]), "render_instructions[0]"),
+        ("/render_masks", ("house", [{"color": "#ff0000"}]), "mask_id"),
+        ("/render_masks", ("house", [{"mask_id": 0, "color": "#zzzzzz"}]), "Colour for mask 0"),
+        ("/render_masks", ("house", [{"mask_id": 0, "color": [300, 0, 0]}]), "Colour for mask 0"),
+        ("/render_masks", ("house", [{"mask_id": 0, "color": [1, 2]}]), "Colour for mask 0"),
+        ("/render_masks", ("house", [{"mask_id": 0, "color": "#ff0000"}] * (render.MAX_INSTRUCTIONS + 1)),
+         f"the limit is {render.MAX_INSTRUCTIONS}"),
+        ("/generate_and_store_masks", ("/etc/passwd",), "paths on the server are not accepted"),
+        ("/generate_and_store_masks", (5,), "image must be an image file"),
+        ("/generate_and_store_masks", (None, None, 5), "original_image_b64"),
+        ("/generate_and_store_masks", (None, None, "%%%"), "not valid base64"),
+        ("/generate_and_store_masks", (None, None, "data:image/png;base64,"), "empty"),
+        ("/generate_and_store_masks", (None, None, "名前🙂"), "not valid base64"),
+        ("/generate_and_store_masks", (None, None, "QUFB" * 250_000), "not an image"),
+    ]
+    return out
+
+
+CASES = cases()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    photo = tmp_path_factory.mktemp("in") / "house.png"
+    photo.write_bytes(encode(make_photo(H, W)))
+    with running_app(tmp_path_factory.mktemp("data"), RecordsSegmenter(house_masks)) as (url, studio, _):
+        client = Client(url, verbose=False)
+        client.predict(handle_file(str(photo)), "house", api_name="/generate_and_store_masks")
+        yield url, client, str(photo), studio
+
+
+def test_bad_input_is_a_clear_error_on_every_endpoint(app):
+    """All cases at once (submitted together, so the sweep stays fast); every failure is listed."""
+    _, client, photo, _ = app
+    jobs = []
+    for endpoint, args, fragment in CASES:
+        args = tuple(handle_file(photo) if a == "PHOTO" else a for a in args)
+        jobs.append((endpoint, args, fragment, client.submit(*args, api_name=endpoint)))
+    wrong = []
+    for endpoint, args, fragment, job in jobs:
+        shown = f"{endpoint} {repr(args)[:70]}"
+        try:
+            out = job.result(timeout=120)
+        except AppError as exc:
+            message = exc.message
+            if not message or message == GENERIC_ERROR or fragment.lower() not in message.lower():
+                wrong.append(f"{shown}: {message[:120]!r} (expected {fragment!r})")
+            elif len(message) >= 400:  # never a megabyte echoed back
+                wrong.append(f"{shown}: a {len(message)}-character message")
+        else:
+            wrong.append(f"{shown}: no error, answered {repr(out)[:60]}")
+    assert not wrong, "\n".join(wrong)
+    assert len(jobs) > 200
+
+
+def test_many_valid_instructions_render(app):
+    _, client, _, _ = app
+    steps = [{"mask_id": i % 4, "color": [i % 256, 0, 0, 128]} for i in range(render.MAX_INSTRUCTIONS)]
+    path = client.predict("house", steps, "original", api_name="/render_masks")
+    assert path.endswith(".png")
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('["house", NaN, 1]', "x must be a finite number"),
+    ('["house", 1, Infinity]', "y must be a finite number"),
+    ('["house", -Infinity, 1]', "x must be a finite number"),
+])
+def test_nan_and_infinity_over_raw_http(app, body, fragment):
+    url = app[0]
+    r = httpx.post(f"{url}gradio_api/call/mask_at_point", content='{"data": %s}' % body,
+                   headers={"content-type": "application/json"})
+    event_id = r.json()["event_id"]
+    stream = httpx.get(f"{url}gradio_api/call/mask_at_point/{event_id}", timeout=30).text
+    assert "event: error" in stream
+    data = json.loads(stream.split("data:", 1)[1].strip().splitlines()[0])
+    assert fragment in data["error"]
+
+
+def test_nothing_was_damaged_and_the_app_keeps_serving(app):
+    _, client, _, studio = app
+    assert [i["image_id"] for i in client.predict(api_name="/list_images")] == ["house"]
+    assert client.predict("house", api_name="/image_info")["mask_count"] == 4
+    assert client.predict("house", 20, 30, api_name="/mask_at_point")["mask_id"] is not None
+    assert studio.db.integrity_ok()
+
+
+# ---- properties (the Studio service directly: fast, thousands of cases) -------------------------
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    s = Settings(data_dir=tmp_path_factory.mktemp("prop"))
+    st_ = Studio(s, RecordsSegmenter(house_masks), Database(s.db_path), LocalBlobStore(s.blob_dir))
+    st_.generate_and_store(encode(make_photo(H, W)), image_id="house")
+    return st_
+
+
+valid_color = st.lists(st.integers(0, 255), min_size=4, max_size=4)
+any_value = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
+                      st.lists(st.integers(-300, 300), max_size=5))
+instruction = st.one_of(
+    st.fixed_dictionaries({"mask_id": st.integers(0, 3), "color": valid_color}),
+    st.fixed_dictionaries({"mask_id": st.one_of(st.integers(-5, 8), any_value), "color": any_value}),
+    any_value,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(instruction, max_size=12), background=st.sampled_from([*render.BACKGROUNDS, "sepia", 7]))
+def test_any_instructions_render_or_fail_clearly(studio, steps, background):
+    try:
+        out = studio.render("house", steps, background, "local")
+    except MaskStudioError as exc:
+        assert exc.message and len(exc.message) < 400
+        return
+    assert out.dtype == np.uint8 and out.shape[:2] == (H, W) and out.shape[2] in (3, 4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.fixed_dictionaries({"mask_id": st.integers(0, 3), "color": valid_color}), max_size=8))
+def test_valid_instructions_match_a_naive_painter(studio, steps):
+    loaded = studio.load("house", "local")
+    out = studio.render("house", steps, "original", "local").astype(np.float64)
+    ref = loaded.rgb.astype(np.float64)
+    for s in steps:  # source-over, later over earlier, straight from the definition
+        m = loaded.index.mask(s["mask_id"])
+        r, g, b, a = s["color"]
+        ref[m] = ref[m] * (1 - a / 255) + np.array([r, g, b]) * (a / 255)
+    assert np.abs(out - ref).max() <= 1.0
+
+
+coordinate = st.one_of(st.integers(-(2**80), 2**80), st.floats(allow_nan=True, allow_infinity=True),
+                       st.integers(-2, W + 2))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(x=coordinate, y=coordinate)
+def test_any_point_finds_masks_under_it_or_fails_clearly(studio, x, y):
+    inside = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (x, y)) and 0 <= x < W and 0 <= y < H
+    try:
+        found = studio.mask_at_point("house", x, y, "local")
+    except InvalidInput as exc:
+        assert not inside and len(exc.message) < 400
+        return
+    assert inside
+    loaded = studio.load("house", "local")
+    px, py = int(math.floor(x)), int(math.floor(y))
+    under = [m for m in loaded.masks if loaded.index.mask(m)[py, px]]
+    assert sorted(found["candidates"]) == sorted(under)
+    if under:
+        assert found["mask_id"] == min(under, key=lambda m: loaded.masks[m].area)

@@ -1,0 +1,51 @@
+"""Two anonymous browsers under AUTH_MODE=keys: each keeps its own library (a key in its local storage)."""
+
+import pytest
+
+from app_server import running_app
+from helpers import RecordsSegmenter, encode, house_masks, make_photo
+
+playwright = pytest.importorskip("playwright.sync_api")
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]
+
+
+def library_after_load(page) -> str:
+    """What the library dropdown shows once the page has loaded (its first choice, or empty)."""
+    page.wait_for_selector("#upload input[type=file]", state="attached")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Engine')")  # on_load ran
+    if not page.locator("#library input").count():
+        page.locator("#library_panel button.label-wrap").click()  # the closed accordion renders nothing
+    return page.locator("#library input").input_value()
+
+
+def test_two_anonymous_browsers_do_not_see_each_others_images(tmp_path):
+    import os
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Chromium is needed for this test (apt-get install chromium)")
+    photo = tmp_path / "house.png"
+    photo.write_bytes(encode(make_photo(48, 64)))
+    with running_app(tmp_path / "data", RecordsSegmenter(house_masks), auth_mode="keys") as (url, studio, _):
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+            one, two = browser.new_context(), browser.new_context()
+            a, b = one.new_page(), two.new_page()
+            for page in (a, b):
+                page.goto(url)
+                assert library_after_load(page) == ""
+            a.locator("#custom_id input").fill("from-browser-one")
+            a.locator("#upload input[type=file]").set_input_files(str(photo))
+            a.wait_for_function("document.querySelector('#selection').innerText.includes('Click the picture')",
+                                timeout=30_000)
+
+            owners = {r.owner for r in studio.db.list_images(None)}
+            assert len(owners) == 1 and next(iter(owners)).startswith("anon:")
+
+            assert library_after_load(a).startswith("from-browser-one")
+            b.reload()
+            assert library_after_load(b) == ""
+            a.reload()  # the same browser, later: its key is in local storage, its library is back
+            assert library_after_load(a).startswith("from-browser-one")
+            browser.close()

@@ -1,0 +1,96 @@
+"""Per-owner data through the real app and gradio_client: API keys, the admin key, open mode."""
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from app_server import running_app
+from helpers import RecordsSegmenter, encode, house_masks, make_photo
+
+KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
+ADMIN = "admin-key-0123456789abcdef"
+
+# (endpoint, extra arguments after the image id)
+READS = [
+    ("/image_info", ()),
+    ("/render_masks", ([{"mask_id": 0, "color": "#ff0000"}], "original")),
+    ("/mask_at_point", (10, 10)),
+    ("/get_mask", (0,)),
+    ("/export_coco", (None,)),
+    ("/delete_image", ()),
+]
+
+
+def error_of(call) -> str:
+    with pytest.raises(AppError) as info:
+        call()
+    return info.value.message
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "house.png"
+    path.write_bytes(encode(make_photo(48, 64)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory, photo):
+    settings = {"auth_mode": "keys", "app_api_keys": tuple(KEYS.items()), "admin_api_key": ADMIN}
+    with running_app(tmp_path_factory.mktemp("data"), RecordsSegmenter(house_masks), **settings) as (url, *_):
+        clients = {who: Client(url, verbose=False, headers={"Authorization": f"Bearer {key}"})
+                   for who, key in KEYS.items()}
+        clients["admin"] = Client(url, verbose=False, headers={"X-API-Key": ADMIN})
+        for who in KEYS:
+            clients[who].predict(handle_file(photo), f"{who}-img", api_name="/generate_and_store_masks")
+        yield url, clients
+
+
+def test_each_key_lists_only_its_own(keyed):
+    _, clients = keyed
+    assert [i["image_id"] for i in clients["alice"].predict(api_name="/list_images")] == ["alice-img"]
+    assert [i["image_id"] for i in clients["bob"].predict(api_name="/list_images")] == ["bob-img"]
+
+
+@pytest.mark.parametrize("endpoint, extra", READS, ids=[e for e, _ in READS])
+def test_someone_elses_image_answers_like_an_unknown_id(keyed, endpoint, extra):
+    _, clients = keyed
+    theirs = error_of(lambda: clients["bob"].predict("alice-img", *extra, api_name=endpoint))
+    unknown = error_of(lambda: clients["bob"].predict("nobody-img", *extra, api_name=endpoint))
+    assert theirs.replace("alice-img", "ID") == unknown.replace("nobody-img", "ID")
+    assert "No image with id 'alice-img'" in theirs
+    # ...and alice's image is untouched by bob's attempts.
+    assert clients["alice"].predict("alice-img", api_name="/image_info")["mask_count"] == 4
+
+
+def test_admin_lists_and_deletes_everything(keyed, photo):
+    _, clients = keyed
+    clients["bob"].predict(handle_file(photo), "bob-doomed", api_name="/generate_and_store_masks")
+    listed = {i["image_id"] for i in clients["admin"].predict(api_name="/list_images")}
+    assert {"alice-img", "bob-img", "bob-doomed"} <= listed
+    assert clients["admin"].predict("bob-doomed", api_name="/image_info")["mask_count"] == 4
+    assert clients["admin"].predict("bob-doomed", api_name="/delete_image")["image_id"] == "bob-doomed"
+    assert [i["image_id"] for i in clients["bob"].predict(api_name="/list_images")] == ["bob-img"]
+
+
+@pytest.mark.parametrize("headers, message", [
+    ({}, "This server needs an API key: send it as the header 'Authorization: Bearer <key>'"),
+    ({"Authorization": "Bearer wrong-key"}, "That API key is not recognised."),
+    ({"X-API-Key": "alice"}, "That API key is not recognised."),
+])
+def test_missing_or_wrong_key_is_unauthorized(keyed, headers, message):
+    url, _ = keyed
+    c = Client(url, verbose=False, headers=headers)
+    for endpoint, args in [("/list_images", ()), ("/image_info", ("alice-img",)),
+                           ("/generate_and_store_masks", (None, None, "aGVsbG8="))]:
+        assert message in error_of(lambda: c.predict(*args, api_name=endpoint))
+
+
+def test_open_mode_without_keys_is_one_owner(tmp_path, photo):
+    with running_app(tmp_path, RecordsSegmenter(house_masks)) as (url, *_):
+        one, two = Client(url, verbose=False), Client(url, verbose=False)
+        one.predict(handle_file(photo), "shared", api_name="/generate_and_store_masks")
+        assert [i["image_id"] for i in two.predict(api_name="/list_images")] == ["shared"]
+        assert two.predict("shared", 10, 40, api_name="/mask_at_point")["mask_id"] is not None
+        assert two.predict("shared", api_name="/delete_image")["image_id"] == "shared"
+        assert one.predict(api_name="/list_images") == []
