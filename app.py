@@ -7,8 +7,8 @@ Every function is also a public, named API endpoint for gradio_client (README "A
 import functools
 import json
 import logging
-import os
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -38,8 +38,12 @@ DEFAULT_COLOR = "#ff3b30"
 DEFAULT_OPACITY = 0.6
 MODE_SELECT, MODE_INCLUDE, MODE_EXCLUDE = "Select masks", "Add object: include", "Add object: exclude"
 GENERIC_ERROR = "Something unexpected went wrong; it has been logged. Please try again."
-# The picture keeps its aspect and fits the screen (a fixed-height box leaves big empty bands on a phone).
-CSS = "#composite img { max-height: min(600px, 75vh); width: auto; max-width: 100%; }"
+# The picture keeps its aspect and fits the screen (a fixed-height box leaves big empty bands on a phone);
+# the gallery wraps its thumbnails to the width (a fixed 8 columns hid most of them sideways on a phone).
+CSS = """
+#composite img { max-height: min(600px, 75vh); width: auto; max-width: 100%; }
+#gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)); }
+"""
 RETENTION_SWEEP_S = 3600  # how often expired images are looked for, after the sweep at start-up
 
 
@@ -74,10 +78,10 @@ class Outputs:
     def write(self, name: str, data: bytes) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
         self._prune()
-        fd, path = tempfile.mkstemp(dir=self.root, prefix=f"{int(time.time())}-", suffix=f"-{name}")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return path
+        # A folder of its own keeps the file's name clean: it is the name a person's download gets.
+        path = Path(tempfile.mkdtemp(dir=self.root, prefix=f"{int(time.time())}-")) / name
+        path.write_bytes(data)
+        return str(path)
 
     def _prune(self) -> None:
         now = time.time()
@@ -87,7 +91,7 @@ class Outputs:
         for p in self.root.iterdir():
             try:
                 if now - p.stat().st_mtime > self.max_age_s:
-                    p.unlink()
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
             except OSError:
                 pass
 
@@ -563,20 +567,24 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
 
         shown = [sess, composite, selection, painted]
         private = {"api_visibility": "private"}
+        # Quick picture edits: no spinner, and a refusal is a toast, not an "Error" badge over the picture.
+        quick = {**private, "show_progress": "hidden"}
         upload.upload(on_upload, [upload, custom_id, sess, background],
                       shown + [gallery, library, status, upload, custom_id],
-                      concurrency_id="segment", concurrency_limit=2, **private)
-        composite.select(on_click, [sess, color, opacity, background, mode], shown, **private)
+                      # Progress (and an error badge) on the upload box only, not on every output.
+                      show_progress_on=[upload], concurrency_id="segment", concurrency_limit=2, **private,
+                      ).failure(lambda: None, None, upload, **private)  # the box is ready for another file
+        composite.select(on_click, [sess, color, opacity, background, mode], shown, **quick)
         keep_object.click(on_keep_object, [sess, color, opacity, background], shown + [gallery],
                           concurrency_id="segment", concurrency_limit=2, **private)
         reset_points.click(on_reset_points, [sess, background], shown, **private)
-        gallery.select(on_gallery, [sess, color, opacity, background], shown, **private)
-        color.change(on_color, [sess, color, opacity, background], shown, **private)
-        opacity.release(on_color, [sess, color, opacity, background], shown, **private)
-        background.change(on_background, [sess, background], shown, **private)
-        undo.click(on_undo, [sess, background], shown, **private)
-        remove.click(on_remove, [sess, background], shown, **private)
-        clear.click(on_clear, [sess, background], shown, **private)
+        gallery.select(on_gallery, [sess, color, opacity, background], shown, **quick)
+        color.change(on_color, [sess, color, opacity, background], shown, **quick)
+        opacity.release(on_color, [sess, color, opacity, background], shown, **quick)
+        background.change(on_background, [sess, background], shown, **quick)
+        undo.click(on_undo, [sess, background], shown, **quick)
+        remove.click(on_remove, [sess, background], shown, **quick)
+        clear.click(on_clear, [sess, background], shown, **quick)
         dl_png.click(on_download_png, [sess, background], downloads, **private)
         dl_coco_painted.click(functools.partial(on_download_coco, which="painted"), [sess], downloads, **private)
         dl_coco_all.click(functools.partial(on_download_coco, which="all"), [sess], downloads, **private)
