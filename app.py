@@ -132,6 +132,33 @@ def _upload_bytes(image: Any) -> bytes | None:
         raise InvalidInput("The uploaded file could not be read; please upload it again.") from None
 
 
+class LeaveWatch:
+    """Tells whether the person (or API client) behind a request has gone: tab closed, job cancelled.
+
+    Gradio has no public call for this. While our job runs it sits in the queue's `active_jobs` with
+    `alive` True; a closed event stream sets `alive` False, and a cancel removes the job. We only answer
+    "gone" after having seen the job alive once, so if Gradio's internals change this answers False
+    (nothing is cancelled) rather than cancelling work wrongly.
+    """
+
+    def __init__(self, demo: gr.Blocks, request: gr.Request | None):
+        self.demo = demo
+        self.session = getattr(request, "session_hash", None)
+        self.seen = False
+
+    def gone(self) -> bool:
+        if self.session is None:
+            return False
+        alive = False
+        for jobs in getattr(getattr(self.demo, "_queue", None), "active_jobs", None) or []:
+            for job in jobs or []:
+                if getattr(job, "session_hash", None) == self.session and getattr(job, "alive", False) is True:
+                    alive = True
+        if alive:
+            self.seen = True
+        return self.seen and not alive
+
+
 def _checkerboard(rgba: np.ndarray, cell: int = 12) -> np.ndarray:
     """Show transparency the way image editors do: over a light grey checkerboard."""
     h, w = rgba.shape[:2]
@@ -269,12 +296,20 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         data = _upload_bytes(file)
         if data is None:
             raise InvalidInput("Choose an image file to upload.")
+        cancel, watch = threading.Event(), LeaveWatch(demo, request)
+
+        def report(fraction: float, text: str) -> None:
+            if watch.gone():
+                cancel.set()  # the tab was closed: stop a (possibly paid) segmentation still running
+            progress(fraction, desc=text)
+
         summary = studio.generate_and_store(
             data,
             image_id=(custom_id or "").strip() or None,
             owner=sess["owner"],
-            progress=lambda f, text: progress(f, desc=text),
+            progress=report,
             address=client_address(request),
+            cancel=cancel,
         )
         sess = new_session(summary["image_id"], sess["owner"])
         gr.Info(f"{summary['mask_count']} masks from the {summary['engine']}.")
@@ -444,8 +479,14 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             if original_image_b64 is None:
                 raise InvalidInput("Send an image: `image` as a file, or `original_image_b64`.")
             data = imaging.decode_base64(original_image_b64)
+        cancel, watch = threading.Event(), LeaveWatch(demo, request)
+
+        def report(fraction: float, text: str) -> None:
+            if watch.gone():
+                cancel.set()  # the client cancelled or went away: stop a (possibly paid) segmentation
+
         return studio.generate_and_store(data, image_id=image_id, owner=caller.owner,
-                                         address=client_address(request))
+                                         address=client_address(request), progress=report, cancel=cancel)
 
     def render_masks(
         image_id: str, render_instructions: list[dict], background: str = "original", request: gr.Request = None

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import masks
-from errors import InvalidInput
+from errors import InvalidInput, SegmentationCancelled
 from sam2_client import Progress
 from settings import ENGINE_BUILTIN
 
@@ -61,8 +61,15 @@ class BuiltinSegmenter:
         self._cache_size = max(1, int(cache_size))
         self._lock = threading.Lock()
 
-    def generate(self, image: np.ndarray, *, progress: Progress | None = None) -> list[dict]:
-        """Automatic overlapping masks of an RGB image, as SAM2 records (deterministic)."""
+    def generate(
+        self, image: np.ndarray, *, progress: Progress | None = None, cancel: threading.Event | None = None
+    ) -> list[dict]:
+        """Automatic overlapping masks of an RGB image, as SAM2 records (deterministic).
+
+        `cancel` (set when the person has left) stops the work at the next stage.
+        """
+        if cancel is not None:
+            progress = _cancellable(progress, cancel)
         return copy.deepcopy(self._hierarchy(image, progress).records)
 
     def segment(
@@ -142,6 +149,18 @@ class _Hierarchy:
     nodes: list[int]
     records: list[dict]
     size: tuple[int, int]  # full (height, width)
+
+
+def _cancellable(progress: Progress | None, cancel: threading.Event) -> Progress:
+    """A progress callback that stops the work (SegmentationCancelled) once `cancel` is set."""
+
+    def report(fraction: float, description: str) -> None:
+        if cancel.is_set():
+            raise SegmentationCancelled("Segmentation was cancelled: the person who asked for it has left.")
+        if progress is not None:
+            progress(fraction, description)
+
+    return report
 
 
 def _no_progress(fraction: float, description: str) -> None:

@@ -71,8 +71,12 @@ Progress = Callable[[float, str], None]
 class Segmenter(Protocol):
     engine: str  # shown to people: which engine produced the masks
 
-    def generate(self, image: np.ndarray, *, progress: Progress | None = None) -> list[dict]:
-        """Automatic masks of an upright RGB uint8 HxWx3 image, as SAM2 records (overlapping, unsorted)."""
+    def generate(
+        self, image: np.ndarray, *, progress: Progress | None = None, cancel: threading.Event | None = None
+    ) -> list[dict]:
+        """Automatic masks of an upright RGB uint8 HxWx3 image, as SAM2 records (overlapping, unsorted).
+
+        When `cancel` is set (the person left), stop as soon as possible with SegmentationCancelled."""
 
     def segment(
         self,

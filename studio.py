@@ -163,17 +163,19 @@ class Studio:
         owner: str = "local",
         progress: Progress | None = None,
         address: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict:
         """Decode, segment, store (one transaction) and index an image; returns the API summary.
 
         `address` is the client's network address: segmentations are limited per owner and per address.
+        `cancel`, set when the person has left, stops a segmentation still running (nothing is stored).
         """
         say = progress or (lambda f, t: None)
 
         def automatic(rgb: np.ndarray) -> list[dict]:
             h, w = rgb.shape[:2]
             say(0.05, f"Segmenting {w}×{h} with the {self.segmenter.engine}")
-            return self.segmenter.generate(rgb, progress=_fraction(progress, 0.05, 0.75))
+            return self.segmenter.generate(rgb, progress=_fraction(progress, 0.05, 0.75), cancel=cancel)
 
         return self._ingest(data, image_id, owner, address, automatic, say)
 
@@ -537,6 +539,7 @@ class Studio:
         """The object mask for prompts without storing it (the UI's live preview); a SAM2 record."""
         loaded = self.load(image_id, owner)
         pts, labels, _ = check_prompt(points, point_labels, None, loaded.row.width, loaded.row.height)
+        self.allow_segmentation(owner or "admin")  # each preview may be a paid call to a SAM2 service
         return self.segmenter.segment(loaded.rgb, points=pts, point_labels=labels, box=None)
 
     def add_object_mask(self, loaded: Loaded, record: dict) -> dict:

@@ -68,7 +68,7 @@ class RecordsSegmenter:
         self.masks_for_shape = masks_for_shape
         self.calls = 0
 
-    def generate(self, image, *, progress=None):
+    def generate(self, image, *, progress=None, cancel=None):
         self.calls += 1
         h, w = image.shape[:2]
         return [record(m) for m in self.masks_for_shape(h, w)]

@@ -130,3 +130,31 @@ def test_builtin_segment_on_stored_image(tmp_path, photo):
         assert c.predict("PHOTO", api_name="/image_info")["mask_count"] == stored["mask_count"] + 1
         hit = c.predict("PHOTO", 38, 60, api_name="/mask_at_point")
         assert out["mask_id"] in hit["candidates"]
+
+
+def test_leaving_cancels_a_paid_prediction(tmp_path, photo):
+    """A hosted (replicate) prediction still running when the client goes away is cancelled, and nothing stored."""
+    import time
+
+    with SamServer() as srv:
+        api = srv.url + "/v1/predictions"
+        urls = {"get": api + "/p1", "cancel": api + "/p1/cancel"}
+
+        def prediction(status):
+            return {"id": "p1", "status": status, "output": None, "error": None, "urls": urls}
+
+        srv.add("POST", "/v1/models/meta/sam-2/predictions", Reply(201, json=prediction("starting")))
+        srv.add("GET", "/v1/predictions/p1", *[Reply(json=prediction("processing"), delay=0.2)] * 100)
+        srv.add("POST", "/v1/predictions/p1/cancel", Reply(json=prediction("canceled")))
+        with running_app(tmp_path, sam_api_url=api.replace("/v1/predictions", "/v1/models/meta/sam-2/predictions"),
+                         sam_api_protocol="replicate", sam_api_token=TOKEN, sam_api_timeout=60) as (url, studio, _):
+            c = Client(url, verbose=False)
+            job = c.submit(handle_file(photo), api_name="/generate_and_store_masks")
+            srv.wait_for("GET", "/v1/predictions/p1", timeout=20)  # the prediction is running
+            job.cancel()  # the client leaves
+            (cancelled,) = srv.wait_for("POST", "/v1/predictions/p1/cancel", timeout=20)
+            assert cancelled.headers["Authorization"] == f"Bearer {TOKEN}"
+            polls = len(srv.requests_to("GET", "/v1/predictions/p1"))
+            time.sleep(1.0)
+            assert len(srv.requests_to("GET", "/v1/predictions/p1")) == polls  # no more polling, no more cost
+            assert studio.list_images("local") == []

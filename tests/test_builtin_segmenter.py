@@ -330,3 +330,14 @@ def test_close_empties_the_cache_and_the_segmenter_still_works(scene):
     before = segmenter.generate(scene)
     segmenter.close()
     assert segmenter.generate(scene) == before
+
+
+def test_generate_stops_when_cancelled():
+    import threading
+
+    from errors import SegmentationCancelled
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(SegmentationCancelled, match="has left"):
+        BuiltinSegmenter().generate(make_scene(), cancel=cancel)

@@ -135,7 +135,7 @@ def test_image_quota_is_atomic_under_concurrent_uploads(tmp_path):
     barrier = threading.Barrier(2)
 
     class InLockstep(RecordsSegmenter):
-        def generate(self, image, *, progress=None):
+        def generate(self, image, *, progress=None, cancel=None):
             barrier.wait(timeout=10)  # both uploads are past the early check before either stores
             return super().generate(image, progress=progress)
 

@@ -175,7 +175,7 @@ def test_records_with_integer_counts_are_accepted(tmp_path, photo):
         return house_masks(h, w)[:1]
 
     class Uncompressed(RecordsSegmenter):
-        def generate(self, image, *, progress=None):
+        def generate(self, image, *, progress=None, cancel=None):
             rec = record(uncompressed(*image.shape[:2])[0])
             from masks import runs_of
 
