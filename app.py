@@ -232,6 +232,11 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
     def selection_text(sess: dict) -> str:
         if not sess.get("image_id"):
             return "Upload a photo, or open one from the library."
+        if sess.get("points"):
+            n_in = sum(1 for p in sess["points"] if p[2] == 1)
+            n_out = len(sess["points"]) - n_in
+            return (f"**New object** (cyan) from {n_in} include and {n_out} exclude point(s): "
+                    "click to refine, **Keep object** to store it as a mask.")
         sel = sess.get("selected")
         if sel is None:
             return "Click the picture (or a thumbnail) to select a mask."
@@ -566,23 +571,24 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
                 # Upload first: it is what a new visitor does first, on a phone as on a desktop.
                 upload = gr.File(label="Upload a photo", file_types=["image"], elem_id="upload",
                                  height=130)
+                custom_id = gr.Textbox(label="Image id for the next upload (optional)", elem_id="custom_id",
+                                       placeholder="auto: img_YYYYMMDD_HHMMSS_xxxxxxxx", max_lines=1)
                 # Hidden until there is a picture: no big empty box before the first upload.
                 composite = gr.Image(label="Composite (click to select)", elem_id="composite",
                                      interactive=False, type="filepath", buttons=["fullscreen"],
                                      height=None, visible=False)
                 selection = gr.Markdown(selection_text(new_session()), elem_id="selection")
-                with gr.Row():
-                    mode = gr.Radio([MODE_SELECT, MODE_INCLUDE, MODE_EXCLUDE], value=MODE_SELECT,
-                                    label="A click on the picture", elem_id="click_mode", scale=3)
-                    keep_object = gr.Button("Keep object", elem_id="keep_object", size="sm", scale=1)
-                    reset_points = gr.Button("Reset points", elem_id="reset_points", size="sm", scale=1)
             with gr.Column(scale=2, min_width=300):
-                custom_id = gr.Textbox(label="Image id for the next upload (optional)", elem_id="custom_id",
-                                       placeholder="auto: img_YYYYMMDD_HHMMSS_xxxxxxxx", max_lines=1)
+                # What a person reaches for after each click comes first (right under the picture on a phone).
                 with gr.Row():
                     color = gr.ColorPicker(value=DEFAULT_COLOR, label="Colour", elem_id="color")
                     opacity = gr.Slider(0, 1, value=DEFAULT_OPACITY, step=0.01, label="Opacity",
                                         elem_id="opacity")
+                mode = gr.Radio([MODE_SELECT, MODE_INCLUDE, MODE_EXCLUDE], value=MODE_SELECT,
+                                label="A click on the picture", elem_id="click_mode")
+                with gr.Row(visible=False) as object_buttons:
+                    keep_object = gr.Button("Keep object", elem_id="keep_object", size="sm", variant="primary")
+                    reset_points = gr.Button("Reset points", elem_id="reset_points", size="sm")
                 background = gr.Radio(list(render.BACKGROUNDS), value="original", label="Background",
                                       elem_id="background")
                 with gr.Row():
@@ -619,6 +625,15 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         keep_object.click(on_keep_object, [sess, color, opacity, background], shown + [gallery],
                           concurrency_id="segment", concurrency_limit=2, **private)
         reset_points.click(on_reset_points, [sess, background], shown, **private)
+
+        @user_errors
+        def on_mode(sess, mode_value, background):
+            # Leaving object mode drops an object not kept; the Keep / Reset buttons only show in it.
+            if mode_value == MODE_SELECT and sess.get("points"):
+                sess["points"], sess["preview"] = [], None
+            return view(sess, background) + (gr.update(visible=mode_value != MODE_SELECT),)
+
+        mode.change(on_mode, [sess, mode, background], shown + [object_buttons], **quick)
         gallery.select(on_gallery, [sess, color, opacity, background], shown, **quick)
         color.change(on_color, [sess, color, opacity, background], shown, **quick)
         opacity.release(on_color, [sess, color, opacity, background], shown, **quick)

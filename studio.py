@@ -114,7 +114,7 @@ class Studio:
         self.db = db
         self.blobs = blobs
         self.s3 = s3
-        self.s3_status: tuple[bool, str] = (True, "off (no bucket configured: mask_url stays null)")
+        self.s3_status: tuple[bool, str] = (True, "off")
         self._cache: OrderedDict[str, Loaded] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}

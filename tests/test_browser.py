@@ -516,3 +516,29 @@ def test_9_two_browsers_do_not_share_selection_or_colours(browser, app, photo, p
     for pg in pages:
         pg.shots.take(pg, "side-by-side")
         pg.context.close()
+
+
+def test_10_add_object_with_points(page, app, photo, pixels):
+    """Object mode (issue 3): include/exclude clicks preview the object; Keep stores it as a new mask."""
+    url, studio = app
+    upload(page, photo, "objects")
+    before = studio.info("objects", None)["mask_count"]
+    page.locator("#click_mode").get_by_text("Add object: include").click()
+    page.locator("#keep_object").wait_for(state="visible")
+    click_pixel(page, *WINDOW_PX)  # an include point in the window → the window is previewed in cyan
+    assert_close(shown_pixel(page, *WINDOW_PX), (40, 220, 60), tol=12)  # the green include marker
+    preview = shown_pixel(page, 170, 280)  # in the window, away from the marker
+    assert preview[2] > 200 and preview[0] < 160, f"no cyan preview over the window: {preview}"
+    assert_close(shown_pixel(page, *SKY_PX), pixels[SKY_PX[1], SKY_PX[0]], tol=6)  # no preview (noisy sky)
+    page.shots.take(page, "object-preview")
+    updating(page, lambda: page.locator("#keep_object").click())
+    info = studio.info("objects", None)
+    assert info["mask_count"] == before + 1
+    new_id = info["mask_count"] - 1
+    assert f"Selected mask {new_id}" in selection(page)
+    assert painted_ids(page) == [new_id]
+    assert_close(shown_pixel(page, *WINDOW_PX), blend(DEFAULT_RGBA, pixels[WINDOW_PX[1], WINDOW_PX[0]]))
+    page.shots.take(page, "object-kept")
+    # Back to selecting: the Keep / Reset buttons go away.
+    page.locator("#click_mode").get_by_text("Select masks").click()
+    page.locator("#keep_object").wait_for(state="hidden")
