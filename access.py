@@ -61,7 +61,9 @@ class Access:
         if self._admin is not None and hmac.compare_digest(d, self._admin):
             found = Caller("admin", admin=True)
         if found is None:
-            raise Unauthorized("That API key is not recognised. Check the key you send as 'Authorization: Bearer <key>'.")
+            raise Unauthorized(
+                "That API key is not recognised. Check the key you send as 'Authorization: Bearer <key>'."
+            )
         return found
 
     def api_caller(self, headers: Mapping[str, str]) -> Caller:

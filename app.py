@@ -124,8 +124,10 @@ def _upload_bytes(image: Any) -> bytes | None:
     # on the server (another owner's blob, any picture on disk) and have it ingested.
     uploads = Path(gradio_utils.get_upload_folder()).resolve()
     if not Path(path).resolve().is_relative_to(uploads):
-        raise InvalidInput("image must be a file uploaded with the request (gradio_client.handle_file(path)); "
-                           "paths on the server are not accepted.")
+        raise InvalidInput(
+            "image must be a file uploaded with the request (gradio_client.handle_file(path)); "
+            "paths on the server are not accepted."
+        )
     try:
         return Path(path).read_bytes()
     except OSError:
@@ -182,8 +184,8 @@ def _overlay_prompt(arr: np.ndarray, sess: dict, shape: tuple[int, int]) -> np.n
     for x, y, label in sess.get("points") or []:
         cx, cy = int(x * dw / w), int(y * dh / h)
         colour = (40, 220, 60) if label == 1 else (235, 40, 40)
-        out[max(0, cy - r - 1): cy + r + 2, max(0, cx - r - 1): cx + r + 2] = (255, 255, 255)
-        out[max(0, cy - r): cy + r + 1, max(0, cx - r): cx + r + 1] = colour
+        out[max(0, cy - r - 1) : cy + r + 2, max(0, cx - r - 1) : cx + r + 2] = (255, 255, 255)
+        out[max(0, cy - r) : cy + r + 1, max(0, cx - r) : cx + r + 1] = colour
     return out.astype(np.uint8)
 
 
@@ -196,8 +198,16 @@ def hex_to_rgba(color: str | None, opacity: float | None) -> list[int]:
 
 # ---- the UI's per-session state (ids and small lists only, never arrays) ----------------------
 def new_session(image_id: str | None = None, owner: str = LOCAL_OWNER) -> dict:
-    return {"image_id": image_id, "owner": owner, "steps": [], "history": [], "selected": None,
-            "click": None, "candidates": [], "order": []}
+    return {
+        "image_id": image_id,
+        "owner": owner,
+        "steps": [],
+        "history": [],
+        "selected": None,
+        "click": None,
+        "candidates": [],
+        "order": [],
+    }
 
 
 def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = None) -> gr.Blocks:
@@ -235,8 +245,10 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         if sess.get("points"):
             n_in = sum(1 for p in sess["points"] if p[2] == 1)
             n_out = len(sess["points"]) - n_in
-            return (f"**New object** (cyan) from {n_in} include and {n_out} exclude point(s): "
-                    "click to refine, **Keep object** to store it as a mask.")
+            return (
+                f"**New object** (cyan) from {n_in} include and {n_out} exclude point(s): "
+                "click to refine, **Keep object** to store it as a mask."
+            )
         sel = sess.get("selected")
         if sel is None:
             return "Click the picture (or a thumbnail) to select a mask."
@@ -271,8 +283,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
     def library_choices(owner: str):
         rows = studio.list_images(owner)
         choices = [
-            (f"{r['image_id']} · {r['width']}×{r['height']} · {r['mask_count']} masks", r["image_id"])
-            for r in rows
+            (f"{r['image_id']} · {r['width']}×{r['height']} · {r['mask_count']} masks", r["image_id"]) for r in rows
         ]
         return gr.update(choices=choices, value=choices[0][1] if choices else None)
 
@@ -280,8 +291,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         """Everything that shows the session: composite, selection, painted table (+ gallery)."""
         image = display_path(sess, background)
         # The picture and the gallery are shown only when there is something in them.
-        out = (sess, gr.update(value=image, visible=image is not None), selection_text(sess),
-               painted_table(sess))
+        out = (sess, gr.update(value=image, visible=image is not None), selection_text(sess), painted_table(sess))
         if gallery:
             items, order = gallery_items(sess["image_id"], sess["owner"]) if sess.get("image_id") else ([], [])
             sess["order"] = order
@@ -353,7 +363,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             if not any(p[2] == 1 for p in points):
                 raise InvalidInput("Start an object with an include point.")
             sess["preview"] = studio.preview_object(
-                sess["image_id"], [p[:2] for p in points], [p[2] for p in points], sess["owner"])
+                sess["image_id"], [p[:2] for p in points], [p[2] for p in points], sess["owner"]
+            )
             sess["points"] = points
             return view(sess, background)
         found = studio.mask_at_point(sess["image_id"], x, y, sess["owner"])
@@ -464,7 +475,9 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         if which == "painted" and not painted:
             raise InvalidInput("No mask is painted yet: paint some, or export all masks.")
         coco = studio.export_coco(
-            sess["image_id"], painted if which == "painted" else None, sess["owner"],
+            sess["image_id"],
+            painted if which == "painted" else None,
+            sess["owner"],
             colors={mid: c for mid, c in sess["steps"]},
         )
         name = f"{sess['image_id']}-coco-{which}.json"
@@ -490,8 +503,9 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             if watch.gone():
                 cancel.set()  # the client cancelled or went away: stop a (possibly paid) segmentation
 
-        return studio.generate_and_store(data, image_id=image_id, owner=caller.owner,
-                                         address=client_address(request), progress=report, cancel=cancel)
+        return studio.generate_and_store(
+            data, image_id=image_id, owner=caller.owner, address=client_address(request), progress=report, cancel=cancel
+        )
 
     def render_masks(
         image_id: str, render_instructions: list[dict], background: str = "original", request: gr.Request = None
@@ -540,8 +554,13 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         if data is None and not image_id:
             raise InvalidInput("Send an image file (`image`), or the `image_id` of a stored image.")
         return studio.segment_object(
-            data=data, image_id=image_id, points=points, point_labels=point_labels, box=box,
-            owner=caller.owner if data is not None else caller.scope, address=client_address(request),
+            data=data,
+            image_id=image_id,
+            points=points,
+            point_labels=point_labels,
+            box=box,
+            owner=caller.owner if data is not None else caller.scope,
+            address=client_address(request),
         )
 
     def retry_uploads(request: gr.Request = None) -> dict:
@@ -554,52 +573,88 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         """Upload a rendered composite to S3. Returns {"image_id", "url", "key"}."""
         return studio.share_render(image_id, render_instructions, background, api_caller(request).scope)
 
-    api_functions = [generate_and_store_masks, render_masks, image_info, list_images, mask_at_point,
-                     delete_image, get_mask, export_coco, segment, retry_uploads, share_render]
+    api_functions = [
+        generate_and_store_masks,
+        render_masks,
+        image_info,
+        list_images,
+        mask_at_point,
+        delete_image,
+        get_mask,
+        export_coco,
+        segment,
+        retry_uploads,
+        share_render,
+    ]
 
     # ---- layout ------------------------------------------------------------------------------
     with gr.Blocks(title="Mask Studio", delete_cache=(3600, 3600)) as demo:
         sess = gr.State(new_session())
         browser_key = gr.BrowserState(None, storage_key="mask-studio-owner")
-        gr.Markdown("# Mask Studio\nUpload a photo, click the picture to pick a mask, colour it.",
-                    elem_id="title")
+        gr.Markdown("# Mask Studio\nUpload a photo, click the picture to pick a mask, colour it.", elem_id="title")
         if settings.hf_login and oauth_available():
             gr.LoginButton(elem_id="login")  # signed in, your library follows your HF account
         status = gr.Markdown(elem_id="status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):
                 # Upload first: it is what a new visitor does first, on a phone as on a desktop.
-                upload = gr.File(label="Upload a photo", file_types=["image"], elem_id="upload",
-                                 height=130)
-                custom_id = gr.Textbox(label="Image id for the next upload (optional)", elem_id="custom_id",
-                                       placeholder="auto: img_YYYYMMDD_HHMMSS_xxxxxxxx", max_lines=1)
+                upload = gr.File(label="Upload a photo", file_types=["image"], elem_id="upload", height=130)
+                custom_id = gr.Textbox(
+                    label="Image id for the next upload (optional)",
+                    elem_id="custom_id",
+                    placeholder="auto: img_YYYYMMDD_HHMMSS_xxxxxxxx",
+                    max_lines=1,
+                )
                 # Hidden until there is a picture: no big empty box before the first upload.
-                composite = gr.Image(label="Composite (click to select)", elem_id="composite",
-                                     interactive=False, type="filepath", buttons=["fullscreen"],
-                                     height=None, visible=False)
+                composite = gr.Image(
+                    label="Composite (click to select)",
+                    elem_id="composite",
+                    interactive=False,
+                    type="filepath",
+                    buttons=["fullscreen"],
+                    height=None,
+                    visible=False,
+                )
                 selection = gr.Markdown(selection_text(new_session()), elem_id="selection")
             with gr.Column(scale=2, min_width=300):
                 # What a person reaches for after each click comes first (right under the picture on a phone).
                 with gr.Row():
                     color = gr.ColorPicker(value=DEFAULT_COLOR, label="Colour", elem_id="color")
-                    opacity = gr.Slider(0, 1, value=DEFAULT_OPACITY, step=0.01, label="Opacity",
-                                        elem_id="opacity")
-                mode = gr.Radio([MODE_SELECT, MODE_INCLUDE, MODE_EXCLUDE], value=MODE_SELECT,
-                                label="A click on the picture", elem_id="click_mode")
+                    opacity = gr.Slider(0, 1, value=DEFAULT_OPACITY, step=0.01, label="Opacity", elem_id="opacity")
+                mode = gr.Radio(
+                    [MODE_SELECT, MODE_INCLUDE, MODE_EXCLUDE],
+                    value=MODE_SELECT,
+                    label="A click on the picture",
+                    elem_id="click_mode",
+                )
                 with gr.Row(visible=False) as object_buttons:
                     keep_object = gr.Button("Keep object", elem_id="keep_object", size="sm", variant="primary")
                     reset_points = gr.Button("Reset points", elem_id="reset_points", size="sm")
-                background = gr.Radio(list(render.BACKGROUNDS), value="original", label="Background",
-                                      elem_id="background")
+                background = gr.Radio(
+                    list(render.BACKGROUNDS), value="original", label="Background", elem_id="background"
+                )
                 with gr.Row():
                     undo = gr.Button("Undo", elem_id="undo", size="sm")
                     remove = gr.Button("Remove selected", elem_id="remove", size="sm")
                     clear = gr.Button("Clear all", elem_id="clear", size="sm")
-                painted = gr.Dataframe(headers=["mask", "colour", "alpha"], value=[], label="Painted masks",
-                                       elem_id="painted", interactive=False, max_height=220)
-        gallery = gr.Gallery(label="Masks, largest first (click to select)", elem_id="gallery",
-                             columns=8, fit_columns=False, height=300, allow_preview=False,
-                             object_fit="contain", visible=False)
+                painted = gr.Dataframe(
+                    headers=["mask", "colour", "alpha"],
+                    value=[],
+                    label="Painted masks",
+                    elem_id="painted",
+                    interactive=False,
+                    max_height=220,
+                )
+        gallery = gr.Gallery(
+            label="Masks, largest first (click to select)",
+            elem_id="gallery",
+            columns=8,
+            fit_columns=False,
+            height=300,
+            allow_preview=False,
+            object_fit="contain",
+            visible=False,
+        )
         with gr.Accordion("Download", open=False, elem_id="downloads_panel"):
             with gr.Row():
                 dl_png = gr.Button("Composite (PNG, full size)", elem_id="dl_png", size="sm")
@@ -616,14 +671,25 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         private = {"api_visibility": "private"}
         # Quick picture edits: no spinner, and a refusal is a toast, not an "Error" badge over the picture.
         quick = {**private, "show_progress": "hidden"}
-        upload.upload(on_upload, [upload, custom_id, sess, background],
-                      shown + [gallery, library, status, upload, custom_id],
-                      # Progress (and an error badge) on the upload box only, not on every output.
-                      show_progress_on=[upload], concurrency_id="segment", concurrency_limit=2, **private,
-                      ).failure(lambda: None, None, upload, **private)  # the box is ready for another file
+        upload.upload(
+            on_upload,
+            [upload, custom_id, sess, background],
+            shown + [gallery, library, status, upload, custom_id],
+            # Progress (and an error badge) on the upload box only, not on every output.
+            show_progress_on=[upload],
+            concurrency_id="segment",
+            concurrency_limit=2,
+            **private,
+        ).failure(lambda: None, None, upload, **private)  # the box is ready for another file
         composite.select(on_click, [sess, color, opacity, background, mode], shown, **quick)
-        keep_object.click(on_keep_object, [sess, color, opacity, background], shown + [gallery],
-                          concurrency_id="segment", concurrency_limit=2, **private)
+        keep_object.click(
+            on_keep_object,
+            [sess, color, opacity, background],
+            shown + [gallery],
+            concurrency_id="segment",
+            concurrency_limit=2,
+            **private,
+        )
         reset_points.click(on_reset_points, [sess, background], shown, **private)
 
         @user_errors
@@ -646,6 +712,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         dl_coco_all.click(functools.partial(on_download_coco, which="all"), [sess], downloads, **private)
         open_btn.click(on_open, [library, sess, background], shown + [gallery], **private)
         delete_btn.click(on_delete, [library, sess, background], shown + [gallery, library], **private)
+
         @user_errors
         def on_load(browser_key, sess, profile: gr.OAuthProfile | None = None):
             # Each browser keeps a random key of its own: its anonymous owner when AUTH_MODE=keys.
@@ -659,9 +726,12 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
 
         for fn in api_functions:
             heavy = fn in (generate_and_store_masks, segment)
-            gr.api(user_errors(fn), api_name=fn.__name__,
-                   concurrency_id="segment" if heavy else None,
-                   concurrency_limit=2 if heavy else 8)
+            gr.api(
+                user_errors(fn),
+                api_name=fn.__name__,
+                concurrency_id="segment" if heavy else None,
+                concurrency_limit=2 if heavy else 8,
+            )
     return demo
 
 

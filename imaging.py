@@ -47,9 +47,7 @@ def load_image(data: bytes, *, max_pixels: int, max_bytes: int) -> np.ndarray:
     if len(data) == 0:
         raise InvalidInput("The uploaded file is empty.")
     if len(data) > max_bytes:
-        raise LimitExceeded(
-            f"The upload is {_mb(len(data))}; the limit is {_mb(max_bytes)} (MAX_UPLOAD_MB)."
-        )
+        raise LimitExceeded(f"The upload is {_mb(len(data))}; the limit is {_mb(max_bytes)} (MAX_UPLOAD_MB).")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -57,9 +57,7 @@ class MaskIndex:
         self._set_ptr = set_ptr  # CSR: members of set s are set_members[set_ptr[s]:set_ptr[s + 1]]
         self._set_members = set_members  # mask ids, smallest area first within each set
         self._sets_of = sets_of  # mask id → sorted int32 ids of the sets containing it
-        self.nbytes = int(
-            labels.nbytes + set_ptr.nbytes + set_members.nbytes + sum(s.nbytes for s in sets_of.values())
-        )
+        self.nbytes = int(labels.nbytes + set_ptr.nbytes + set_members.nbytes + sum(s.nbytes for s in sets_of.values()))
 
     @classmethod
     def build(cls, shape: tuple[int, int], items: Iterable[tuple[int, np.ndarray]]) -> MaskIndex:
@@ -170,9 +168,7 @@ class _Builder:
         bounds = np.concatenate(([0], np.cumsum(np.bincount(ks, minlength=n_masks))))
         by_mask = sets[order].astype(np.int32)
         sets_of = {mid: by_mask[bounds[k] : bounds[k + 1]] for k, mid in enumerate(self.ids)}
-        return MaskIndex(
-            self.shape, labels, list(self.ids), self.areas, self.bboxes, set_ptr, set_members, sets_of
-        )
+        return MaskIndex(self.shape, labels, list(self.ids), self.areas, self.bboxes, set_ptr, set_members, sets_of)
 
 
 def nearest_indices(n_src: int, n_dst: int) -> np.ndarray:
@@ -261,9 +257,10 @@ def parse_color(value: object, mask_id: int) -> Color:
             alpha = nums[3] if len(nums) == 4 else 1.0
             if all(0 <= v <= 255 for v in nums[:3]) and 0 <= alpha <= 1:
                 return (*(int(round(v)) for v in nums[:3]), int(round(alpha * 255)))  # type: ignore[return-value]
-    elif (isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)) and len(
-        value
-    ) in (3, 4):
+    elif (isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)) and len(value) in (
+        3,
+        4,
+    ):
         channels = [_channel(v) for v in value]
         if None not in channels:
             return (*channels, 255) if len(channels) == 3 else tuple(channels)  # type: ignore[return-value]
@@ -303,9 +300,7 @@ def parse_instructions(instructions: object, index: MaskIndex, image_id: str) ->
             f"got {type(instructions).__name__}."
         )
     if len(instructions) > MAX_INSTRUCTIONS:
-        raise LimitExceeded(
-            f"render_instructions has {len(instructions)} items; the limit is {MAX_INSTRUCTIONS}."
-        )
+        raise LimitExceeded(f"render_instructions has {len(instructions)} items; the limit is {MAX_INSTRUCTIONS}.")
     known = index.areas
     steps: list[tuple[int, Color]] = []
     for i, item in enumerate(instructions):

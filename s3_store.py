@@ -113,13 +113,20 @@ _CLIENT_ERRORS: dict[str, tuple[bool, str]] = {
     # code: (bucket-wide?, message). Server messages are not repeated: some (SignatureDoesNotMatch)
     # echo the string to sign and the access key id.
     "NoSuchBucket": (True, _BUCKET_MISSING),
-    "AccessDenied": (True, "S3 denied access to bucket '{bucket}' (trying to {action}): the credentials in use "
-                           "lack that permission."),
+    "AccessDenied": (
+        True,
+        "S3 denied access to bucket '{bucket}' (trying to {action}): the credentials in use lack that permission.",
+    ),
     "AllAccessDisabled": (True, "All access to the S3 bucket '{bucket}' is disabled."),
-    "InvalidAccessKeyId": (True, "S3 does not recognise the AWS access key id in use "
-                                 "(check AWS_ACCESS_KEY_ID or AWS_PROFILE)."),
-    "SignatureDoesNotMatch": (True, "S3 rejected the request signature: the AWS secret access key does not match "
-                                    "the access key id (check AWS_SECRET_ACCESS_KEY)."),
+    "InvalidAccessKeyId": (
+        True,
+        "S3 does not recognise the AWS access key id in use (check AWS_ACCESS_KEY_ID or AWS_PROFILE).",
+    ),
+    "SignatureDoesNotMatch": (
+        True,
+        "S3 rejected the request signature: the AWS secret access key does not match "
+        "the access key id (check AWS_SECRET_ACCESS_KEY).",
+    ),
     "ExpiredToken": (True, "The AWS session token has expired: refresh the credentials."),
     "InvalidToken": (True, "The AWS session token is invalid: refresh the credentials."),
     "AuthorizationHeaderMalformed": (True, "S3 rejected the request's region: check AWS_REGION for bucket '{bucket}'."),
@@ -130,11 +137,16 @@ _CLIENT_ERRORS: dict[str, tuple[bool, str]] = {
     "ServiceUnavailable": (False, "S3 is unavailable right now (trying to {action}): try again shortly."),
     # HEAD answers carry no body, so only the HTTP status is known.
     "404": (True, _BUCKET_MISSING),
-    "403": (True, "S3 refused access to bucket '{bucket}' (trying to {action}): the credentials are invalid "
-                  "or lack permission."),
+    "403": (
+        True,
+        "S3 refused access to bucket '{bucket}' (trying to {action}): the credentials are invalid or lack permission.",
+    ),
     "301": (True, _OTHER_REGION),
-    "400": (True, "S3 rejected the request for bucket '{bucket}' (HTTP 400, trying to {action}): check AWS_REGION "
-                  "and the credentials."),
+    "400": (
+        True,
+        "S3 rejected the request for bucket '{bucket}' (HTTP 400, trying to {action}): check AWS_REGION "
+        "and the credentials.",
+    ),
 }
 
 
@@ -318,9 +330,7 @@ class S3BlobStore:
         """Upload one object (ACL only when S3_OBJECT_ACL is set: new buckets reject ACLs)."""
         extra = {"ACL": self.acl} if self.acl else {}
         try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type, **extra
-            )
+            self.client.put_object(Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type, **extra)
         except _boto_errors() as exc:
             raise self._error(exc, "upload", key) from exc
 

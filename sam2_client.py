@@ -177,9 +177,7 @@ class HttpSegmenter:
     max_mask_bytes = MAX_MASK_BYTES
     max_response_bytes = MAX_RESPONSE_BYTES
 
-    def __init__(
-        self, settings: Settings, *, transport: httpx.BaseTransport | None = None, backoff: float = 1.0
-    ):
+    def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None, backoff: float = 1.0):
         if not settings.sam_api_url:
             raise InvalidInput("SAM_API_URL is not set.", title="Configuration error")
         if settings.sam_api_protocol not in PROTOCOLS:
@@ -268,9 +266,7 @@ class HttpSegmenter:
         _check_image(image)
         points, point_labels, box = _check_prompts(image.shape[:2], points, point_labels, box)
         if self._protocol == "mask-studio":
-            return self._run(
-                lambda call: self._prompted(call, image, points, point_labels, box), progress, cancel
-            )
+            return self._run(lambda call: self._prompted(call, image, points, point_labels, box), progress, cancel)
         # cog / replicate (e.g. meta/sam-2) only generate automatically: one paid call per image, then every
         # click on that image is answered from the cached masks.
         key = _image_key(image, DEFAULT_PARAMS)
@@ -493,13 +489,15 @@ class HttpSegmenter:
             try:
                 reply = self._exchange(call, method, url, content, headers, timeout, mask)
             except httpx.ConnectTimeout as exc:
-                failure, cause = SegmentationTimeout(
-                    f"Could not connect to the {what} within {self._connect_timeout:g} s."
-                ), exc
+                failure, cause = (
+                    SegmentationTimeout(f"Could not connect to the {what} within {self._connect_timeout:g} s."),
+                    exc,
+                )
             except httpx.ConnectError as exc:
-                failure, cause = SegmentationUnreachable(
-                    f"The {what} cannot be reached: {self._connect_reason(exc, url)}."
-                ), exc
+                failure, cause = (
+                    SegmentationUnreachable(f"The {what} cannot be reached: {self._connect_reason(exc, url)}."),
+                    exc,
+                )
             except httpx.TimeoutException as exc:
                 # The service may be working on it (and billing for it): report, do not send it again.
                 if call.stop.is_set():
@@ -532,7 +530,12 @@ class HttpSegmenter:
             how = "Retry-After" if retry_after is not None else "backoff"
             log.warning(
                 "%s: %s; retrying in %.1f s (%s), retry %d of %d",
-                what, why, wait, how, attempt + 1, self._retries,
+                what,
+                why,
+                wait,
+                how,
+                attempt + 1,
+                self._retries,
             )
             call.stop.wait(wait)  # a cancel wakes it early; the check at the top of the loop raises
             attempt += 1
@@ -637,8 +640,16 @@ class HttpSegmenter:
     def _connect_reason(self, exc: Exception, url: str) -> str:
         text = str(exc)
         parts = urlsplit(url)
-        if any(s in text for s in ("Name or service not known", "nodename nor servname", "getaddrinfo",
-                                   "Temporary failure in name resolution", "No address associated")):
+        if any(
+            s in text
+            for s in (
+                "Name or service not known",
+                "nodename nor servname",
+                "getaddrinfo",
+                "Temporary failure in name resolution",
+                "No address associated",
+            )
+        ):
             return f"the host name {parts.hostname!r} could not be resolved (DNS)"
         if "refused" in text.lower() or "Errno 111" in text:
             return f"connection refused (nothing listens at {parts.hostname}:{parts.port or parts.scheme})"
@@ -661,7 +672,10 @@ class HttpSegmenter:
         if len(merged) < len(raws):
             log.debug(
                 "%s: %d masks read, %d empty dropped, %d near-duplicates merged",
-                self.engine, len(raws), len(raws) - len(out), len(out) - len(merged),
+                self.engine,
+                len(raws),
+                len(raws) - len(out),
+                len(out) - len(merged),
             )
         return merged
 

@@ -59,8 +59,7 @@ def records_in(payload: Any) -> list[Raw]:
         elif "mask_url" in payload:
             if payload["mask_url"] is None:
                 raise SegmentationBadResponse(
-                    "The SAM2 service answered mask_url null: it produced no mask "
-                    "(its own upload may have failed)."
+                    "The SAM2 service answered mask_url null: it produced no mask (its own upload may have failed)."
                 )
             items = [payload["mask_url"]]
         elif "segmentation" in payload or ("counts" in payload and "size" in payload):
@@ -142,9 +141,7 @@ def _rle_mask(seg: dict, i: int, frame: Frame) -> np.ndarray:
         or not all(isinstance(v, int) and v > 0 for v in size)
         or not isinstance(counts, (str, list))
     ):
-        raise SegmentationBadResponse(
-            f"Mask {i}'s RLE needs 'size': [h, w] and 'counts' (a string or integers)."
-        )
+        raise SegmentationBadResponse(f"Mask {i}'s RLE needs 'size': [h, w] and 'counts' (a string or integers).")
     _check_size((size[0], size[1]), i, frame, "Mask")
     try:
         return rle.decode({"size": size, "counts": counts})
@@ -153,9 +150,7 @@ def _rle_mask(seg: dict, i: int, frame: Frame) -> np.ndarray:
         raise SegmentationBadResponse(f"Mask {i}'s RLE does not fit its size: {why}") from exc
 
 
-def image_mask(
-    data: bytes, i: int, frame: Frame, *, source: str, error: type[SegmentationRejected]
-) -> np.ndarray:
+def image_mask(data: bytes, i: int, frame: Frame, *, source: str, error: type[SegmentationRejected]) -> np.ndarray:
     """PNG or JPEG bytes → boolean mask (alpha if it carries the mask, else brightness > 127)."""
     if not (data.startswith(b"\x89PNG\r\n\x1a\n") or data.startswith(b"\xff\xd8\xff")):
         raise error(f"{source} is not a PNG or JPEG image (it starts with {data[:8]!r}).")

@@ -124,9 +124,7 @@ def _api_keys(raw: str | None) -> tuple[tuple[str, str], ...]:
             continue
         owner, sep, key = item.partition(":")
         if not sep or not owner.strip() or not key.strip():
-            raise InvalidInput(
-                "APP_API_KEYS must look like 'owner1:key1,owner2:key2'.", title="Configuration error"
-            )
+            raise InvalidInput("APP_API_KEYS must look like 'owner1:key1,owner2:key2'.", title="Configuration error")
         pairs.append((owner.strip(), key.strip()))
     return tuple(pairs)
 

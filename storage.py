@@ -287,8 +287,12 @@ class Database:
         try:
             self._write(
                 [("INSERT INTO images (" + _IMAGE_COLS + ") VALUES (?,?,?,?,?,?,?,?)", _image_values(row))],
-                many=[("INSERT INTO masks (" + _MASK_COLS + ") VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                       [_mask_values(m) for m in masks])],
+                many=[
+                    (
+                        "INSERT INTO masks (" + _MASK_COLS + ") VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        [_mask_values(m) for m in masks],
+                    )
+                ],
                 guard=quota if max_per_owner > 0 else None,
             )
         except Conflict:
@@ -345,9 +349,7 @@ class Database:
                     "SELECT coalesce(max(mask_id), -1) + 1 FROM masks WHERE image_id = ?", (mask.image_id,)
                 ).fetchone()
                 m = MaskRow(**{**mask.__dict__, "mask_id": next_id})
-                conn.execute(
-                    "INSERT INTO masks (" + _MASK_COLS + ") VALUES (?,?,?,?,?,?,?,?,?,?,?)", _mask_values(m)
-                )
+                conn.execute("INSERT INTO masks (" + _MASK_COLS + ") VALUES (?,?,?,?,?,?,?,?,?,?,?)", _mask_values(m))
                 conn.execute("UPDATE images SET mask_count = mask_count + 1 WHERE id = ?", (mask.image_id,))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -359,10 +361,12 @@ class Database:
     def set_mask_urls(self, image_id: str, updates: list[tuple[int, str | None, str | None, str]]) -> None:
         """updates: (mask_id, mask_url, s3_key, upload_state)."""
         self._write(
-            many=[(
-                "UPDATE masks SET mask_url = ?, s3_key = ?, upload_state = ? WHERE image_id = ? AND mask_id = ?",
-                [(url, key, state, image_id, mid) for mid, url, key, state in updates],
-            )]
+            many=[
+                (
+                    "UPDATE masks SET mask_url = ?, s3_key = ?, upload_state = ? WHERE image_id = ? AND mask_id = ?",
+                    [(url, key, state, image_id, mid) for mid, url, key, state in updates],
+                )
+            ]
         )
 
     def pending_uploads(self, owner: str | None = None, limit: int = 10_000) -> list[MaskRow]:
@@ -378,18 +382,24 @@ class Database:
 
     # ---- other S3 objects of an image (original, shared renders) ------------------------------
     def add_object(self, image_id: str, key: str, kind: str, upload_state: str) -> None:
-        self._write([("INSERT OR REPLACE INTO objects (key, image_id, kind, upload_state) VALUES (?,?,?,?)",
-                      (key, image_id, kind, upload_state))])
+        self._write(
+            [
+                (
+                    "INSERT OR REPLACE INTO objects (key, image_id, kind, upload_state) VALUES (?,?,?,?)",
+                    (key, image_id, kind, upload_state),
+                )
+            ]
+        )
 
     def objects(self, image_id: str) -> list[tuple[str, str, str]]:
         """(key, kind, upload_state) of an image's other S3 objects."""
-        return [tuple(r) for r in self._q("SELECT key, kind, upload_state FROM objects WHERE image_id = ?",
-                                          (image_id,))]
+        return [
+            tuple(r) for r in self._q("SELECT key, kind, upload_state FROM objects WHERE image_id = ?", (image_id,))
+        ]
 
     def pending_objects(self) -> list[tuple[str, str, str]]:
         """(key, image_id, kind) of objects whose upload has not succeeded yet."""
-        return [tuple(r) for r in self._q(
-            "SELECT key, image_id, kind FROM objects WHERE upload_state = 'pending'")]
+        return [tuple(r) for r in self._q("SELECT key, image_id, kind FROM objects WHERE upload_state = 'pending'")]
 
     def set_object_state(self, key: str, upload_state: str) -> None:
         self._write([("UPDATE objects SET upload_state = ? WHERE key = ?", (upload_state, key))])

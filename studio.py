@@ -93,8 +93,10 @@ def check_point(x: object, y: object, width: int, height: int) -> tuple[int, int
 
 
 def check_mask_id(mask_id: object) -> int:
-    if isinstance(mask_id, bool) or not isinstance(mask_id, (int, float)) or (
-        isinstance(mask_id, float) and not mask_id.is_integer()
+    if (
+        isinstance(mask_id, bool)
+        or not isinstance(mask_id, (int, float))
+        or (isinstance(mask_id, float) and not mask_id.is_integer())
     ):
         raise InvalidInput(f"mask_id must be a whole number, got {_shown(mask_id)}.")
     return int(mask_id)
@@ -462,9 +464,7 @@ class Studio:
             annotations.append(ann)
         return {
             "info": {"description": f"Mask Studio export of {r.id}", "date_created": _now(), "engine": r.engine},
-            "images": [
-                {"id": 1, "width": r.width, "height": r.height, "file_name": f"{r.id}.png", "image_id": r.id}
-            ],
+            "images": [{"id": 1, "width": r.width, "height": r.height, "file_name": f"{r.id}.png", "image_id": r.id}],
             "annotations": annotations,
             "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
         }
@@ -519,6 +519,7 @@ class Studio:
     ) -> dict:
         """One object's mask from points/box, stored with a new image (data) or a stored one (image_id)."""
         if data is not None:
+
             def prompted(rgb: np.ndarray) -> list[dict]:
                 pts, labels, bx = check_prompt(points, point_labels, box, rgb.shape[1], rgb.shape[0])
                 return [self.segmenter.segment(rgb, points=pts, point_labels=labels, box=bx)]
@@ -591,19 +592,34 @@ class Studio:
         assert self.s3 is not None
         total = len(rows)
         items = ((m.s3_key, rle.to_png(loaded.index.mask(m.mask_id))) for m in rows)
-        on_progress = (lambda done, n: progress(done / max(1, n), f"Uploaded {done} of {total} masks to S3")) \
-            if progress else None
+        on_progress = (
+            (lambda done, n: progress(done / max(1, n), f"Uploaded {done} of {total} masks to S3"))
+            if progress
+            else None
+        )
         report = self.s3.upload_many(items, progress=on_progress, content_type="image/png")
         failed = set(report.failed)
         updates = [
-            (m.mask_id, None if m.s3_key in failed else self.s3.url_for(m.s3_key) if self.settings.s3_url_mode
-             == "public" else None, m.s3_key, "pending" if m.s3_key in failed else "uploaded")
+            (
+                m.mask_id,
+                None
+                if m.s3_key in failed
+                else self.s3.url_for(m.s3_key)
+                if self.settings.s3_url_mode == "public"
+                else None,
+                m.s3_key,
+                "pending" if m.s3_key in failed else "uploaded",
+            )
             for m in rows
         ]
         self.db.set_mask_urls(loaded.row.id, updates)
         if report.failed:
-            log.warning("S3: %d of %d mask uploads of %s failed; they stay pending and are retried later.",
-                        report.n_failed, total, loaded.row.id)
+            log.warning(
+                "S3: %d of %d mask uploads of %s failed; they stay pending and are retried later.",
+                report.n_failed,
+                total,
+                loaded.row.id,
+            )
         self._forget(loaded.row.id)  # the cached rows' upload states changed
         return report
 
@@ -643,8 +659,11 @@ class Studio:
                     uploaded += 1
                 else:
                     failed += 1
-        message = (f"Uploaded {uploaded} pending object(s) to S3." if not failed
-                   else f"Uploaded {uploaded} pending object(s); {failed} still failed and stay pending.")
+        message = (
+            f"Uploaded {uploaded} pending object(s) to S3."
+            if not failed
+            else f"Uploaded {uploaded} pending object(s); {failed} still failed and stay pending."
+        )
         return {"message": message, "uploaded": uploaded, "failed": failed}
 
     def share_render(self, image_id: object, instructions: object, background: object, owner: str | None) -> dict:
@@ -699,8 +718,10 @@ def check_prompt(points: object, point_labels: object, box: object, width: int, 
             raise InvalidInput(f"point_labels has {len(labels)} labels for {len(pts)} points: give one per point.")
     bx = None
     if box is not None:
-        if not isinstance(box, (list, tuple)) or len(box) != 4 or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in box
+        if (
+            not isinstance(box, (list, tuple))
+            or len(box) != 4
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in box)
         ):
             raise InvalidInput("box must be [x0, y0, x1, y1] in pixels.")
         x0, y0, x1, y1 = (float(v) for v in box)
@@ -738,4 +759,3 @@ def _opt_float(v: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
-

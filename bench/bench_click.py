@@ -28,8 +28,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -95,7 +103,9 @@ def main() -> None:
                 page.wait_for_function(
                     """before => { const img = document.querySelector('#composite img');
                                    return img && img.src !== before && img.complete && img.naturalWidth > 0; }""",
-                    arg=before, timeout=30_000, polling=5,
+                    arg=before,
+                    timeout=30_000,
+                    polling=5,
                 )
                 times.append((time.perf_counter() - t) * 1000)
                 page.wait_for_timeout(150)
@@ -107,8 +117,10 @@ def main() -> None:
         demo.close()
     med = statistics.median(times)
     print(f"click → new composite on screen (2048² photo, {len(times)} clicks in Chromium):")
-    print(f"  median {med:.0f} ms, p90 {sorted(times)[int(0.9 * (len(times) - 1))]:.0f} ms, "
-          f"min {min(times):.0f} ms, max {max(times):.0f} ms")
+    print(
+        f"  median {med:.0f} ms, p90 {sorted(times)[int(0.9 * (len(times) - 1))]:.0f} ms, "
+        f"min {min(times):.0f} ms, max {max(times):.0f} ms"
+    )
     print("server work per click, 50 masks painted (same run):")
     print(f"  ours: display-size render + JPEG   {ours_ms:7.1f} ms")
     print(f"  naive: full-size render + PIL PNG  {naive_ms:7.1f} ms   ratio {naive_ms / ours_ms:.0f}x")

@@ -127,16 +127,20 @@ def report(title: str, times: dict[str, list[float]]) -> None:
     print(f"\n{title}")
     print(f"  {base_name:<28} {b * 1000:8.0f} ms   ({b / N_MASKS * 1000:.1f} ms per mask)")
     print(f"  {name:<28} {f * 1000:8.0f} ms   ({f / N_MASKS * 1000:.1f} ms per mask)")
-    print(f"  speed-up: {b / f:.1f}x   (median of {RUNS} interleaved runs; all runs: "
-          f"{', '.join(f'{x:.2f}' for x in base)} s vs {', '.join(f'{x:.2f}' for x in fast)} s)")
+    print(
+        f"  speed-up: {b / f:.1f}x   (median of {RUNS} interleaved runs; all runs: "
+        f"{', '.join(f'{x:.2f}' for x in base)} s vs {', '.join(f'{x:.2f}' for x in fast)} s)"
+    )
 
 
 def main() -> None:
     t0 = time.perf_counter()
     pngs = [masks.to_png(m) for m in make_masks(N_MASKS, SIZE)]
     sizes = [len(p) for p in pngs]
-    print(f"{N_MASKS} mask PNGs at {SIZE}²: mean {statistics.mean(sizes) / 1024:.1f} KB, "
-          f"range {min(sizes) / 1024:.1f}–{max(sizes) / 1024:.1f} KB (built in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"{N_MASKS} mask PNGs at {SIZE}²: mean {statistics.mean(sizes) / 1024:.1f} KB, "
+        f"range {min(sizes) / 1024:.1f}–{max(sizes) / 1024:.1f} KB (built in {time.perf_counter() - t0:.1f} s)"
+    )
     with MotoServer() as server:
         server.create_bucket("bench-masks")
         direct = S3BlobStore.from_settings(server.settings(s3_bucket="bench-masks"), server.session())

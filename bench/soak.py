@@ -41,8 +41,15 @@ from workload import photo  # noqa: E402
 MAX_REQUESTS_PER_PHASE = 200_000  # a bound on count as well as on time
 MAX_IMAGES_PER_CLIENT = 4
 # (operation, weight): what a person or a script does with an image once it is stored
-MIX = [("info", 15), ("mask_at_point", 35), ("render", 25), ("export", 8), ("get_mask", 7), ("generate", 4),
-       ("delete", 3)]
+MIX = [
+    ("info", 15),
+    ("mask_at_point", 35),
+    ("render", 25),
+    ("export", 8),
+    ("get_mask", 7),
+    ("generate", 4),
+    ("delete", 3),
+]
 BAD_RATE = 0.02  # share of requests that are deliberate bad inputs
 
 
@@ -56,12 +63,22 @@ def start_app(data_dir: Path, work: Path) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
-    env = {**os.environ, "DATA_DIR": str(data_dir), "PORT": str(port), "HOST": "127.0.0.1",
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(work / "gradio"),
-           "AUTH_MODE": "open", "SEGMENT_RATE_LIMIT": "0", "MAX_IMAGES_PER_OWNER": "0"}
+    env = {
+        **os.environ,
+        "DATA_DIR": str(data_dir),
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_TEMP_DIR": str(work / "gradio"),
+        "AUTH_MODE": "open",
+        "SEGMENT_RATE_LIMIT": "0",
+        "MAX_IMAGES_PER_OWNER": "0",
+    }
     log = open(work / "app.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=work, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py")], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -126,8 +143,9 @@ class Worker:
     def generate(self, stats: Stats) -> None:
         from gradio_client import handle_file
 
-        out = self.call(stats, "generate", handle_file(self.rng.choice(self.photos)),
-                        api_name="/generate_and_store_masks")
+        out = self.call(
+            stats, "generate", handle_file(self.rng.choice(self.photos)), api_name="/generate_and_store_masks"
+        )
         if out:
             d = out["image_dimensions"]
             self.images[out["image_id"]] = (d["width"], d["height"], out["mask_count"])
@@ -137,12 +155,14 @@ class Worker:
         from gradio_client.exceptions import AppError
 
         image_id = self.rng.choice(list(self.images)) if self.images else "nope"
-        args, api = self.rng.choice([
-            ((image_id, -5, 10**9), "/mask_at_point"),
-            (("../../etc/passwd",), "/image_info"),
-            ((image_id, [{"mask_id": 0, "color": "no-such-colour"}], "original"), "/render_masks"),
-            ((image_id, 10**6), "/get_mask"),
-        ])
+        args, api = self.rng.choice(
+            [
+                ((image_id, -5, 10**9), "/mask_at_point"),
+                (("../../etc/passwd",), "/image_info"),
+                ((image_id, [{"mask_id": 0, "color": "no-such-colour"}], "original"), "/render_masks"),
+                ((image_id, 10**6), "/get_mask"),
+            ]
+        )
         try:
             self.client.predict(*args, api_name=api)
             problem = f"{api} {args!r} did not fail"
@@ -175,13 +195,27 @@ class Worker:
         elif op == "info":
             self.call(stats, "info", image_id, api_name="/image_info")
         elif op == "mask_at_point":
-            self.call(stats, "mask_at_point", image_id, self.rng.randrange(w), self.rng.randrange(h),
-                      api_name="/mask_at_point")
+            self.call(
+                stats,
+                "mask_at_point",
+                image_id,
+                self.rng.randrange(w),
+                self.rng.randrange(h),
+                api_name="/mask_at_point",
+            )
         elif op == "render":
-            steps = [{"mask_id": self.rng.randrange(max(n, 1)), "color": [self.rng.randrange(256), 90, 200, 160]}
-                     for _ in range(self.rng.randint(1, 6))]
-            self.call(stats, "render", image_id, steps, self.rng.choice(["original", "dim", "transparent"]),
-                      api_name="/render_masks")
+            steps = [
+                {"mask_id": self.rng.randrange(max(n, 1)), "color": [self.rng.randrange(256), 90, 200, 160]}
+                for _ in range(self.rng.randint(1, 6))
+            ]
+            self.call(
+                stats,
+                "render",
+                image_id,
+                steps,
+                self.rng.choice(["original", "dim", "transparent"]),
+                api_name="/render_masks",
+            )
         elif op == "export":
             self.call(stats, "export", image_id, None, api_name="/export_coco")
         elif op == "get_mask":
@@ -213,8 +247,10 @@ def pct(values: list[float], q: float) -> float:
 def report(title: str, stats: Stats, elapsed: float) -> float:
     served = stats.served()
     rate = served / elapsed
-    print(f"\n{title}: {served} requests in {elapsed:.1f} s = {rate:.1f}/s; errors {len(stats.errors)}; "
-          f"deliberate bad inputs {stats.deliberate} (wrongly answered: {len(stats.deliberate_wrong)})")
+    print(
+        f"\n{title}: {served} requests in {elapsed:.1f} s = {rate:.1f}/s; errors {len(stats.errors)}; "
+        f"deliberate bad inputs {stats.deliberate} (wrongly answered: {len(stats.deliberate_wrong)})"
+    )
     print(f"  {'endpoint':<14}{'count':>7}{'p50 ms':>10}{'p95 ms':>10}")
     for name in [m for m, _ in MIX]:
         v = stats.latency.get(name, [])
@@ -252,8 +288,10 @@ def check_data(data_dir: Path, expected_ids: set[str]) -> list[str]:
     keys = {r[4] for r in rows}
     orphans, missing = files - keys, keys - files
     ids = {r[0] for r in rows}
-    print(f"images stored {len(rows)}, masks decoded {decoded}, orphaned blobs {len(orphans)}, "
-          f"missing blobs {len(missing)}, clients' view matches the database: {ids == expected_ids}")
+    print(
+        f"images stored {len(rows)}, masks decoded {decoded}, orphaned blobs {len(orphans)}, "
+        f"missing blobs {len(missing)}, clients' view matches the database: {ids == expected_ids}"
+    )
     if orphans or missing:
         problems.append(f"orphaned blobs {sorted(orphans)[:5]}, missing blobs {sorted(missing)[:5]}")
     if ids != expected_ids:
@@ -286,16 +324,20 @@ def main() -> int:
         for t in threads:
             t.join()
         rates, problems = [], [f"warm-up: {e}" for e in warm.errors]
-        for title, workers, seconds in [("baseline, 1 client (before)", base, args.baseline_seconds),
-                                        (f"soak, {args.clients} clients", many, args.seconds),
-                                        ("baseline, 1 client (after)", base, args.baseline_seconds)]:
+        for title, workers, seconds in [
+            ("baseline, 1 client (before)", base, args.baseline_seconds),
+            (f"soak, {args.clients} clients", many, args.seconds),
+            ("baseline, 1 client (after)", base, args.baseline_seconds),
+        ]:
             stats, elapsed = run_phase(workers, seconds)
             rates.append(report(title, stats, elapsed))
             if stats.errors or stats.deliberate_wrong:
                 problems.append(f"{title}: {len(stats.errors)} errors, {len(stats.deliberate_wrong)} wrong answers")
         baseline = statistics.median([rates[0], rates[2]])
-        print(f"\nthroughput {args.clients} clients / 1 client = {rates[1]:.1f} / {baseline:.1f} "
-              f"= {rates[1] / baseline:.2f}x")
+        print(
+            f"\nthroughput {args.clients} clients / 1 client = {rates[1]:.1f} / {baseline:.1f} "
+            f"= {rates[1] / baseline:.2f}x"
+        )
         expected = {i for w in base + many for i in w.images}
     finally:
         proc.send_signal(signal.SIGINT)  # a clean stop; nothing is in flight any more

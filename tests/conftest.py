@@ -13,3 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mask-studio-gradio-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def house_photo(tmp_path_factory) -> str:
+    """A 128×96 photo-like PNG on disk (helpers.make_photo), the upload most app tests use."""
+    from helpers import encode, make_photo
+
+    path = tmp_path_factory.mktemp("in") / "house.png"
+    path.write_bytes(encode(make_photo(96, 128)))
+    return str(path)

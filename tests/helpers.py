@@ -77,8 +77,11 @@ class RecordsSegmenter:
         """The smallest of its masks holding every include point and no exclude point."""
         h, w = image.shape[:2]
         labels = point_labels or [1] * len(points or [])
-        fits = [m for m in self.masks_for_shape(h, w)
-                if all(bool(m[int(y), int(x)]) == bool(lab) for (x, y), lab in zip(points or [], labels))]
+        fits = [
+            m
+            for m in self.masks_for_shape(h, w)
+            if all(bool(m[int(y), int(x)]) == bool(lab) for (x, y), lab in zip(points or [], labels))
+        ]
         if not fits:
             from errors import SegmentationRejected
 

@@ -13,8 +13,16 @@ from app_server import running_app
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
 
 H, W = 96, 128
-ENDPOINTS = ["/generate_and_store_masks", "/render_masks", "/image_info", "/list_images", "/mask_at_point",
-             "/delete_image", "/get_mask", "/export_coco"]
+ENDPOINTS = [
+    "/generate_and_store_masks",
+    "/render_masks",
+    "/image_info",
+    "/list_images",
+    "/mask_at_point",
+    "/delete_image",
+    "/get_mask",
+    "/export_coco",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +37,8 @@ def client(app):
 
 
 @pytest.fixture(scope="module")
-def photo_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("in") / "house.png"
-    path.write_bytes(encode(make_photo(H, W)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def house(client, photo_path):
-    return client.predict(handle_file(photo_path), "house", api_name="/generate_and_store_masks")
+def house(client, house_photo):
+    return client.predict(handle_file(house_photo), "house", api_name="/generate_and_store_masks")
 
 
 def error_of(call) -> str:
@@ -52,7 +53,10 @@ def test_every_endpoint_is_public_and_named(client):
     params = [p["parameter_name"] for p in named["/generate_and_store_masks"]["parameters"]]
     assert params == ["image", "image_id", "original_image_b64"]
     assert [p["parameter_name"] for p in named["/render_masks"]["parameters"]] == [
-        "image_id", "render_instructions", "background"]
+        "image_id",
+        "render_instructions",
+        "background",
+    ]
 
 
 def test_generate_and_store(house):
@@ -63,8 +67,8 @@ def test_generate_and_store(house):
     assert "Stored 4 masks" in house["message"]
 
 
-def test_generate_from_base64_data_url(client, photo_path):
-    b64 = base64.b64encode(open(photo_path, "rb").read()).decode()
+def test_generate_from_base64_data_url(client, house_photo):
+    b64 = base64.b64encode(open(house_photo, "rb").read()).decode()
     out = client.predict(None, None, "data:image/png;base64," + b64, api_name="/generate_and_store_masks")
     assert out["image_id"].startswith("img_") and out["mask_count"] == 4
     client.predict(out["image_id"], api_name="/delete_image")
@@ -73,7 +77,11 @@ def test_generate_from_base64_data_url(client, photo_path):
 def test_image_info_and_list(client, house):
     info = client.predict("house", api_name="/image_info")
     assert {k: info[k] for k in ("image_id", "width", "height", "mask_count")} == {
-        "image_id": "house", "width": W, "height": H, "mask_count": 4}
+        "image_id": "house",
+        "width": W,
+        "height": H,
+        "mask_count": 4,
+    }
     m = info["available_masks"][0]
     assert set(m) == {"id", "area", "bbox", "predicted_iou", "stability_score", "mask_url"}
     assert m["mask_url"] is None
@@ -84,14 +92,22 @@ def test_image_info_and_list(client, house):
 def test_mask_at_point_and_render(client, house):
     hit = client.predict("house", 38, 60, api_name="/mask_at_point")
     assert len(hit["candidates"]) == 3 and hit["mask_id"] == hit["candidates"][0]
-    path = client.predict("house", [{"mask_id": hit["mask_id"], "color": "#00ff00"},
-                                    {"mask_id": hit["candidates"][1], "color": [0, 0, 255, 128]}],
-                          "original", api_name="/render_masks")
+    path = client.predict(
+        "house",
+        [{"mask_id": hit["mask_id"], "color": "#00ff00"}, {"mask_id": hit["candidates"][1], "color": [0, 0, 255, 128]}],
+        "original",
+        api_name="/render_masks",
+    )
     img = np.asarray(Image.open(path))
     assert img.shape == (H, W, 3)
     assert tuple(img[60, 38]) == (0, 127, 128) or tuple(img[60, 38]) == (0, 128, 127)  # blue at 50 % over green
-    transparent = np.asarray(Image.open(client.predict("house", [{"mask_id": hit["mask_id"], "color": None}],
-                                                       "transparent", api_name="/render_masks")))
+    transparent = np.asarray(
+        Image.open(
+            client.predict(
+                "house", [{"mask_id": hit["mask_id"], "color": None}], "transparent", api_name="/render_masks"
+            )
+        )
+    )
     assert transparent.shape == (H, W, 4) and transparent[5, 5, 3] == 0 and transparent[60, 38, 3] == 128
 
 
@@ -115,7 +131,7 @@ def test_get_mask_and_export_coco(client, house, tmp_path):
         ((("house", 500, 5), "/mask_at_point"), "Point (500, 5) is outside the image, which is 128×96 pixels"),
         ((("house", [{"mask_id": 0, "color": "blue"}], "original"), "/render_masks"), "Colour for mask 0"),
         ((("house", [], "sepia"), "/render_masks"), "sepia"),
-        ((("../etc", ), "/delete_image"), "No image with id '../etc'"),
+        ((("../etc",), "/delete_image"), "No image with id '../etc'"),
     ],
 )
 def test_errors_are_clear(client, house, call, message):
@@ -127,20 +143,26 @@ def test_bad_uploads_and_taken_ids(client, house, tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"this is not a picture")
     assert "not an image Mask Studio can read" in error_of(
-        lambda: client.predict(handle_file(str(junk)), api_name="/generate_and_store_masks"))
+        lambda: client.predict(handle_file(str(junk)), api_name="/generate_and_store_masks")
+    )
     assert "is already taken" in error_of(
-        lambda: client.predict(None, "house", base64.b64encode(encode(make_photo(H, W))).decode(),
-                               api_name="/generate_and_store_masks"))
+        lambda: client.predict(
+            None, "house", base64.b64encode(encode(make_photo(H, W))).decode(), api_name="/generate_and_store_masks"
+        )
+    )
     assert "Send an image" in error_of(lambda: client.predict(api_name="/generate_and_store_masks"))
     assert "not valid base64" in error_of(
-        lambda: client.predict(None, None, "%%%", api_name="/generate_and_store_masks"))
+        lambda: client.predict(None, None, "%%%", api_name="/generate_and_store_masks")
+    )
     # ...and the app keeps serving.
     assert client.predict("house", api_name="/image_info")["mask_count"] == 4
 
 
-def test_delete_image(client, photo_path):
-    client.predict(handle_file(photo_path), "doomed", api_name="/generate_and_store_masks")
+def test_delete_image(client, house_photo):
+    client.predict(handle_file(house_photo), "doomed", api_name="/generate_and_store_masks")
     assert client.predict("doomed", api_name="/delete_image") == {
-        "message": "Image doomed and its 4 masks were deleted.", "image_id": "doomed"}
+        "message": "Image doomed and its 4 masks were deleted.",
+        "image_id": "doomed",
+    }
     assert "No image with id 'doomed'" in error_of(lambda: client.predict("doomed", api_name="/image_info"))
     assert all(i["image_id"] != "doomed" for i in client.predict(api_name="/list_images"))

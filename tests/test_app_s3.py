@@ -12,7 +12,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from app_server import running_app
-from helpers import RecordsSegmenter, encode, house_masks, make_photo
+from helpers import RecordsSegmenter, house_masks
 from s3_server import DUMMY_KEY_ID, DUMMY_SECRET, REGION, MotoServer
 
 H, W = 96, 128
@@ -31,16 +31,15 @@ def server():
             os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("in") / "house.png"
-    path.write_bytes(encode(make_photo(H, W)))
-    return str(path)
-
-
 def s3_app(server, tmp_path, bucket, **overrides):
-    return running_app(tmp_path, RecordsSegmenter(house_masks), s3_bucket=bucket, s3_endpoint_url=server.url,
-                       aws_region=REGION, **overrides)
+    return running_app(
+        tmp_path,
+        RecordsSegmenter(house_masks),
+        s3_bucket=bucket,
+        s3_endpoint_url=server.url,
+        aws_region=REGION,
+        **overrides,
+    )
 
 
 def objects(server, bucket) -> list[str]:
@@ -56,12 +55,12 @@ def fetch_png(url: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode, acl", [("public", "public-read"), ("presigned", None)])
-def test_masks_are_uploaded_and_urls_served(server, tmp_path, photo, mode, acl):
+def test_masks_are_uploaded_and_urls_served(server, tmp_path, house_photo, mode, acl):
     bucket = f"b-{uuid.uuid4().hex[:10]}"
     server.create_bucket(bucket)
     with s3_app(server, tmp_path, bucket, s3_url_mode=mode, s3_object_acl=acl) as (url, studio, _):
         c = Client(url, verbose=False)
-        out = c.predict(handle_file(photo), "house", api_name="/generate_and_store_masks")
+        out = c.predict(handle_file(house_photo), "house", api_name="/generate_and_store_masks")
         assert out["s3"] == {"uploaded": 4, "failed": 0}
         keys = objects(server, bucket)
         assert len(keys) == 4 and all(k.startswith("sam2-api-masks/") and k.endswith(".png") for k in keys)
@@ -88,13 +87,13 @@ def test_masks_are_uploaded_and_urls_served(server, tmp_path, photo, mode, acl):
         assert objects(server, bucket) == []
 
 
-def test_s3_down_loses_nothing_and_retry_recovers(server, tmp_path, photo):
+def test_s3_down_loses_nothing_and_retry_recovers(server, tmp_path, house_photo):
     bucket = f"b-{uuid.uuid4().hex[:10]}"
     server.create_bucket(bucket)
     with s3_app(server, tmp_path, bucket) as (url, studio, _):
         c = Client(url, verbose=False)
         server.stop()  # the network / S3 goes away
-        out = c.predict(handle_file(photo), "house", api_name="/generate_and_store_masks")
+        out = c.predict(handle_file(house_photo), "house", api_name="/generate_and_store_masks")
         assert out["mask_count"] == 4 and out["s3"] == {"uploaded": 0, "failed": 4}
         info = c.predict("house", api_name="/image_info")
         assert [m["mask_url"] for m in info["available_masks"]] == [None] * 4
@@ -107,12 +106,12 @@ def test_s3_down_loses_nothing_and_retry_recovers(server, tmp_path, photo):
         assert len(objects(server, bucket)) == 4
 
 
-def test_pending_uploads_are_retried_at_start(server, tmp_path, photo):
+def test_pending_uploads_are_retried_at_start(server, tmp_path, house_photo):
     bucket = f"b-{uuid.uuid4().hex[:10]}"
     server.create_bucket(bucket)
     with s3_app(server, tmp_path, bucket) as (url, studio, _):
         server.stop()
-        Client(url, verbose=False).predict(handle_file(photo), "house", api_name="/generate_and_store_masks")
+        Client(url, verbose=False).predict(handle_file(house_photo), "house", api_name="/generate_and_store_masks")
     server.start()
     server.create_bucket(bucket)
     with s3_app(server, tmp_path, bucket) as (url, studio, _):
@@ -125,22 +124,24 @@ def test_pending_uploads_are_retried_at_start(server, tmp_path, photo):
         assert len(objects(server, bucket)) == 4
 
 
-def test_missing_bucket_is_reported_at_start_and_the_app_works(server, tmp_path, photo):
+def test_missing_bucket_is_reported_at_start_and_the_app_works(server, tmp_path, house_photo):
     with s3_app(server, tmp_path, "no-such-bucket-here") as (url, studio, _):
         ok, sentence = studio.s3_status
         assert not ok and "no-such-bucket-here" in sentence
-        out = Client(url, verbose=False).predict(handle_file(photo), api_name="/generate_and_store_masks")
+        out = Client(url, verbose=False).predict(handle_file(house_photo), api_name="/generate_and_store_masks")
         assert out["mask_count"] == 4 and out["s3"]["failed"] == 4
 
 
-def test_without_s3_mask_url_is_null_and_s3_endpoints_say_so(tmp_path, photo):
+def test_without_s3_mask_url_is_null_and_s3_endpoints_say_so(tmp_path, house_photo):
     with running_app(tmp_path, RecordsSegmenter(house_masks)) as (url, studio, _):
         c = Client(url, verbose=False)
-        out = c.predict(handle_file(photo), "house", api_name="/generate_and_store_masks")
+        out = c.predict(handle_file(house_photo), "house", api_name="/generate_and_store_masks")
         assert out["s3"] is None
         seg = c.predict(None, "house", [[38, 60]], None, None, api_name="/segment")
         assert seg["mask_url"] is None
-        for call in (lambda: c.predict(api_name="/retry_uploads"),
-                     lambda: c.predict("house", [], "original", api_name="/share_render")):
+        for call in (
+            lambda: c.predict(api_name="/retry_uploads"),
+            lambda: c.predict("house", [], "original", api_name="/share_render"),
+        ):
             with pytest.raises(AppError, match="S3"):
                 call()

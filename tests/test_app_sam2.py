@@ -10,7 +10,7 @@ from gradio_client.exceptions import AppError
 
 import masks as rle
 from app_server import running_app
-from helpers import encode, house_masks, make_photo
+from helpers import house_masks
 from sam2_server import Reply, SamServer
 
 H, W = 96, 128
@@ -25,8 +25,13 @@ def sam():
 
 @pytest.fixture(scope="module")
 def app(sam, tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("data"), sam_api_url=sam.url, sam_api_token=TOKEN,
-                     sam_api_timeout=3.0, sam_api_retries=1) as (url, studio, settings):
+    with running_app(
+        tmp_path_factory.mktemp("data"),
+        sam_api_url=sam.url,
+        sam_api_token=TOKEN,
+        sam_api_timeout=3.0,
+        sam_api_retries=1,
+    ) as (url, studio, settings):
         yield url, studio
 
 
@@ -35,21 +40,17 @@ def client(app):
     return Client(app[0], verbose=False)
 
 
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("in") / "house.png"
-    path.write_bytes(encode(make_photo(H, W)))
-    return str(path)
-
-
 def sam_records():
-    return {"masks": [{"segmentation": rle.encode(m), "predicted_iou": 0.9, "stability_score": 0.97}
-                      for m in house_masks(H, W)]}
+    return {
+        "masks": [
+            {"segmentation": rle.encode(m), "predicted_iou": 0.9, "stability_score": 0.97} for m in house_masks(H, W)
+        ]
+    }
 
 
-def test_masks_come_from_the_service(sam, client, app, photo):
+def test_masks_come_from_the_service(sam, client, app, house_photo):
     sam.add("POST", "/segment", Reply(json=sam_records()))
-    out = client.predict(handle_file(photo), "svc", api_name="/generate_and_store_masks")
+    out = client.predict(handle_file(house_photo), "svc", api_name="/generate_and_store_masks")
     assert out["mask_count"] == 4 and out["engine"] == f"SAM2 service at {sam.url}"
     req = sam.requests_to("POST", "/segment")[-1]
     assert req.headers["Authorization"] == f"Bearer {TOKEN}"
@@ -71,25 +72,25 @@ def test_masks_come_from_the_service(sam, client, app, photo):
     ],
     ids=["401", "500-twice", "not-json", "wrong-size", "timeout"],
 )
-def test_service_failures_are_clear_and_store_nothing(sam, client, photo, caplog, replies, message):
+def test_service_failures_are_clear_and_store_nothing(sam, client, house_photo, caplog, replies, message):
     before = len(client.predict(api_name="/list_images"))
     sam.add("POST", "/segment", *replies)
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(AppError) as info:
-            client.predict(handle_file(photo), api_name="/generate_and_store_masks")
+            client.predict(handle_file(house_photo), api_name="/generate_and_store_masks")
     assert message.lower() in info.value.message.lower()
     assert TOKEN not in info.value.message and TOKEN not in caplog.text
     assert "Traceback" not in info.value.message
     assert len(client.predict(api_name="/list_images")) == before  # nothing half-stored
     sam.add("POST", "/segment", Reply(json=sam_records()))  # ...and the next request is served
-    ok = client.predict(handle_file(photo), api_name="/generate_and_store_masks")
+    ok = client.predict(handle_file(house_photo), api_name="/generate_and_store_masks")
     client.predict(ok["image_id"], api_name="/delete_image")
 
 
-def test_segment_endpoint_sends_prompts(sam, client, photo):
+def test_segment_endpoint_sends_prompts(sam, client, house_photo):
     window = house_masks(H, W)[1]
     sam.add("POST", "/segment", Reply(json={"masks": [{"segmentation": rle.encode(window), "predicted_iou": 0.8}]}))
-    out = client.predict(handle_file(photo), None, [[38, 60], [5, 5]], [1, 0], None, api_name="/segment")
+    out = client.predict(handle_file(house_photo), None, [[38, 60], [5, 5]], [1, 0], None, api_name="/segment")
     body = sam.requests_to("POST", "/segment")[-1].json()
     assert body["mode"] == "points" and body["points"] == [[38, 60], [5, 5]] and body["point_labels"] == [1, 0]
     assert out["mask_id"] == 0 and out["mask_url"] is None
@@ -111,20 +112,20 @@ def test_segment_endpoint_sends_prompts(sam, client, photo):
         ((None, "PHOTO", "1,2", None, None), "list of [x, y] pairs"),
     ],
 )
-def test_segment_bad_prompts(tmp_path, photo, args, message):
+def test_segment_bad_prompts(tmp_path, house_photo, args, message):
     with running_app(tmp_path) as (url, studio, _):  # the built-in segmenter answers /segment too
         c = Client(url, verbose=False)
-        stored = c.predict(handle_file(photo), "PHOTO", api_name="/generate_and_store_masks")
+        stored = c.predict(handle_file(house_photo), "PHOTO", api_name="/generate_and_store_masks")
         assert stored["engine"] == "built-in classical segmenter (offline)"
         with pytest.raises(AppError) as info:
             c.predict(*args, api_name="/segment")
         assert message in info.value.message
 
 
-def test_builtin_segment_on_stored_image(tmp_path, photo):
+def test_builtin_segment_on_stored_image(tmp_path, house_photo):
     with running_app(tmp_path) as (url, studio, _):
         c = Client(url, verbose=False)
-        stored = c.predict(handle_file(photo), "PHOTO", api_name="/generate_and_store_masks")
+        stored = c.predict(handle_file(house_photo), "PHOTO", api_name="/generate_and_store_masks")
         out = c.predict(None, "PHOTO", [[38, 60]], [1], None, api_name="/segment")
         assert out["image_id"] == "PHOTO" and out["mask_id"] == stored["mask_count"]
         assert c.predict("PHOTO", api_name="/image_info")["mask_count"] == stored["mask_count"] + 1
@@ -132,7 +133,7 @@ def test_builtin_segment_on_stored_image(tmp_path, photo):
         assert out["mask_id"] in hit["candidates"]
 
 
-def test_leaving_cancels_a_paid_prediction(tmp_path, photo):
+def test_leaving_cancels_a_paid_prediction(tmp_path, house_photo):
     """A hosted (replicate) prediction still running when the client goes away is cancelled, and nothing stored."""
     import time
 
@@ -146,10 +147,15 @@ def test_leaving_cancels_a_paid_prediction(tmp_path, photo):
         srv.add("POST", "/v1/models/meta/sam-2/predictions", Reply(201, json=prediction("starting")))
         srv.add("GET", "/v1/predictions/p1", *[Reply(json=prediction("processing"), delay=0.2)] * 100)
         srv.add("POST", "/v1/predictions/p1/cancel", Reply(json=prediction("canceled")))
-        with running_app(tmp_path, sam_api_url=api.replace("/v1/predictions", "/v1/models/meta/sam-2/predictions"),
-                         sam_api_protocol="replicate", sam_api_token=TOKEN, sam_api_timeout=60) as (url, studio, _):
+        with running_app(
+            tmp_path,
+            sam_api_url=api.replace("/v1/predictions", "/v1/models/meta/sam-2/predictions"),
+            sam_api_protocol="replicate",
+            sam_api_token=TOKEN,
+            sam_api_timeout=60,
+        ) as (url, studio, _):
             c = Client(url, verbose=False)
-            job = c.submit(handle_file(photo), api_name="/generate_and_store_masks")
+            job = c.submit(handle_file(house_photo), api_name="/generate_and_store_masks")
             srv.wait_for("GET", "/v1/predictions/p1", timeout=20)  # the prediction is running
             job.cancel()  # the client leaves
             (cancelled,) = srv.wait_for("POST", "/v1/predictions/p1/cancel", timeout=20)

@@ -24,8 +24,23 @@ from studio import Studio
 
 H, W = 48, 64
 HUGE = "x" * 200_000
-ODD_IDS = [12345, 1.5, True, None, "", HUGE, "../etc/passwd", "..%2F..%2Fetc", "a'; DROP TABLE images;--",
-           "' OR '1'='1", "名前🙂", "nul\x00byte", "house\n", ["house"], {"id": "house"}]
+ODD_IDS = [
+    12345,
+    1.5,
+    True,
+    None,
+    "",
+    HUGE,
+    "../etc/passwd",
+    "..%2F..%2Fetc",
+    "a'; DROP TABLE images;--",
+    "' OR '1'='1",
+    "名前🙂",
+    "nul\x00byte",
+    "house\n",
+    ["house"],
+    {"id": "house"},
+]
 ODD_NUMBERS = [-1, -(2**70), 2**70, 1e308, -1e308, "10", "ten", None, [1], {"x": 1}, True, HUGE]
 GOOD = {"image_id": "house"}
 INSTR = [{"mask_id": 0, "color": "#ff0000"}]
@@ -35,19 +50,31 @@ def cases():
     """(endpoint, args, a fragment of the expected message)."""
     out = []
     for i in ODD_IDS:
-        for endpoint, extra in [("/image_info", ()), ("/delete_image", ()), ("/mask_at_point", (1, 1)),
-                                ("/get_mask", (0,)), ("/export_coco", (None,)), ("/render_masks", (INSTR,))]:
+        for endpoint, extra in [
+            ("/image_info", ()),
+            ("/delete_image", ()),
+            ("/mask_at_point", (1, 1)),
+            ("/get_mask", (0,)),
+            ("/export_coco", (None,)),
+            ("/render_masks", (INSTR,)),
+        ]:
             out.append((endpoint, (i, *extra), "image"))
         if i not in (None, ""):  # (no id: one is generated)
             out.append(("/generate_and_store_masks", ("PHOTO", i), "Image id"))
     for n in ODD_NUMBERS:
-        out += [("/mask_at_point", ("house", n, 1), "x"), ("/mask_at_point", ("house", 1, n), "y"),
-                ("/get_mask", ("house", n), "mask"), ("/export_coco", ("house", [n]), "mask"),
-                ("/render_masks", ("house", [{"mask_id": n, "color": "#ff0000"}]), "mask"),
-                ("/render_masks", ("house", [{"mask_id": 0, "color": [n, 0, 0, 255]}]), "olour")]
+        out += [
+            ("/mask_at_point", ("house", n, 1), "x"),
+            ("/mask_at_point", ("house", 1, n), "y"),
+            ("/get_mask", ("house", n), "mask"),
+            ("/export_coco", ("house", [n]), "mask"),
+            ("/render_masks", ("house", [{"mask_id": n, "color": "#ff0000"}]), "mask"),
+            ("/render_masks", ("house", [{"mask_id": 0, "color": [n, 0, 0, 255]}]), "olour"),
+        ]
         if n is not None:  # (a null colour is the mask's default colour; a null background is "original")
-            out += [("/render_masks", ("house", [{"mask_id": 0, "color": n}]), "olour"),
-                    ("/render_masks", ("house", INSTR, n), "ackground")]
+            out += [
+                ("/render_masks", ("house", [{"mask_id": 0, "color": n}]), "olour"),
+                ("/render_masks", ("house", INSTR, n), "ackground"),
+            ]
     out += [
         ("/export_coco", ("house", "all"), "mask_ids must be a list"),
         ("/render_masks", ("house", "not json"), "not valid JSON"),
@@ -58,8 +85,11 @@ def cases():
         ("/render_masks", ("house", [{"mask_id": 0, "color": "#zzzzzz"}]), "Colour for mask 0"),
         ("/render_masks", ("house", [{"mask_id": 0, "color": [300, 0, 0]}]), "Colour for mask 0"),
         ("/render_masks", ("house", [{"mask_id": 0, "color": [1, 2]}]), "Colour for mask 0"),
-        ("/render_masks", ("house", [{"mask_id": 0, "color": "#ff0000"}] * (render.MAX_INSTRUCTIONS + 1)),
-         f"the limit is {render.MAX_INSTRUCTIONS}"),
+        (
+            "/render_masks",
+            ("house", [{"mask_id": 0, "color": "#ff0000"}] * (render.MAX_INSTRUCTIONS + 1)),
+            f"the limit is {render.MAX_INSTRUCTIONS}",
+        ),
         ("/generate_and_store_masks", ("/etc/passwd",), "paths on the server are not accepted"),
         ("/generate_and_store_masks", (5,), "image must be an image file"),
         ("/generate_and_store_masks", (None, None, 5), "original_image_b64"),
@@ -115,15 +145,21 @@ def test_many_valid_instructions_render(app):
     assert path.endswith(".png")
 
 
-@pytest.mark.parametrize("body, fragment", [
-    ('["house", NaN, 1]', "x must be a finite number"),
-    ('["house", 1, Infinity]', "y must be a finite number"),
-    ('["house", -Infinity, 1]', "x must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ('["house", NaN, 1]', "x must be a finite number"),
+        ('["house", 1, Infinity]', "y must be a finite number"),
+        ('["house", -Infinity, 1]', "x must be a finite number"),
+    ],
+)
 def test_nan_and_infinity_over_raw_http(app, body, fragment):
     url = app[0]
-    r = httpx.post(f"{url}gradio_api/call/mask_at_point", content='{"data": %s}' % body,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{url}gradio_api/call/mask_at_point",
+        content='{"data": %s}' % body,
+        headers={"content-type": "application/json"},
+    )
     event_id = r.json()["event_id"]
     stream = httpx.get(f"{url}gradio_api/call/mask_at_point/{event_id}", timeout=30).text
     assert "event: error" in stream
@@ -149,8 +185,14 @@ def studio(tmp_path_factory):
 
 
 valid_color = st.lists(st.integers(0, 255), min_size=4, max_size=4)
-any_value = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20),
-                      st.lists(st.integers(-300, 300), max_size=5))
+any_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
+    st.lists(st.integers(-300, 300), max_size=5),
+)
 instruction = st.one_of(
     st.fixed_dictionaries({"mask_id": st.integers(0, 3), "color": valid_color}),
     st.fixed_dictionaries({"mask_id": st.one_of(st.integers(-5, 8), any_value), "color": any_value}),
@@ -182,8 +224,9 @@ def test_valid_instructions_match_a_naive_painter(studio, steps):
     assert np.abs(out - ref).max() <= 1.0
 
 
-coordinate = st.one_of(st.integers(-(2**80), 2**80), st.floats(allow_nan=True, allow_infinity=True),
-                       st.integers(-2, W + 2))
+coordinate = st.one_of(
+    st.integers(-(2**80), 2**80), st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, W + 2)
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

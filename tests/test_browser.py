@@ -22,8 +22,14 @@ from app_server import running_app
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
 
 CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -114,8 +120,7 @@ class Shots:
             hidden = page.evaluate("""() => { const g = document.querySelector('#gallery .grid-wrap');
                 return g ? g.scrollWidth - g.clientWidth : 0; }""")
             assert hidden <= 1, f"{step}: {hidden} px of thumbnails hidden sideways at {label} size"
-            page.screenshot(path=str(ARTIFACTS / f"{self.prefix}-{self.n:02d}-{step}-{label}.png"),
-                            full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"{self.prefix}-{self.n:02d}-{step}-{label}.png"), full_page=True)
         page.set_viewport_size(original)
         settle(page)
 
@@ -137,7 +142,8 @@ def updating(page, action) -> None:
     page.wait_for_function(
         """(before) => { const img = document.querySelector('#composite img');
             return img && img.src && img.src !== before && img.complete && img.naturalWidth > 0; }""",
-        arg=before)
+        arg=before,
+    )
 
 
 def upload(page, path: Path, image_id: str | None = None) -> None:
@@ -166,7 +172,8 @@ def shown_pixel(page, x: int, y: int) -> np.ndarray:
             const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
             const g = c.getContext('2d'); g.drawImage(img, 0, 0);
             return Array.from(g.getImageData(x, y, 1, 1).data); }""",
-        [x, y])
+        [x, y],
+    )
     return np.array(rgba[:3])
 
 
@@ -229,7 +236,9 @@ def download(page, button: str) -> bytes:
     page.locator(f"#{button}").click()
     page.wait_for_function(
         """(before) => { const a = document.querySelector('#downloads a');
-            return a && a.getAttribute('href') && a.getAttribute('href') !== before; }""", arg=before)
+            return a && a.getAttribute('href') && a.getAttribute('href') !== before; }""",
+        arg=before,
+    )
     with page.expect_download() as info:
         page.locator("#downloads a").first.click()
     return Path(info.value.path()).read_bytes()
@@ -237,8 +246,10 @@ def download(page, button: str) -> bytes:
 
 def ids_of(studio, image_id: str) -> dict[str, int]:
     """The stored mask ids of the house, window, sun and lower half (from the app's own index)."""
-    at = {name: studio.mask_at_point(image_id, x, y, None)["candidates"]
-          for name, (x, y) in {"window": WINDOW_PX, "sun": SUN_PX}.items()}
+    at = {
+        name: studio.mask_at_point(image_id, x, y, None)["candidates"]
+        for name, (x, y) in {"window": WINDOW_PX, "sun": SUN_PX}.items()
+    }
     window, house, lower = at["window"]
     return {"window": window, "house": house, "lower": lower, "sun": at["sun"][0]}
 
@@ -445,8 +456,7 @@ def test_7_reload_reopen_then_delete(page, app, photo):
 def choose_in_library(page, image_id: str) -> None:
     page.locator("#library input").click()
     page.locator("[role=option], ul.options li").filter(has_text=image_id).first.click()
-    page.wait_for_function(
-        "(id) => document.querySelector('#library input').value.includes(id)", arg=image_id)
+    page.wait_for_function("(id) => document.querySelector('#library input').value.includes(id)", arg=image_id)
 
 
 def test_8_non_image_upload_is_refused_readably(page, app, photo, tmp_path):

@@ -7,8 +7,14 @@ from helpers import RecordsSegmenter, encode, house_masks, make_photo
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 def library_after_load(page) -> str:
@@ -37,8 +43,9 @@ def test_two_anonymous_browsers_do_not_see_each_others_images(tmp_path):
                 assert library_after_load(page) == ""
             a.locator("#custom_id input").fill("from-browser-one")
             a.locator("#upload input[type=file]").set_input_files(str(photo))
-            a.wait_for_function("document.querySelector('#selection').innerText.includes('Click the picture')",
-                                timeout=30_000)
+            a.wait_for_function(
+                "document.querySelector('#selection').innerText.includes('Click the picture')", timeout=30_000
+            )
 
             owners = {r.owner for r in studio.db.list_images(None)}
             assert len(owners) == 1 and next(iter(owners)).startswith("anon:")

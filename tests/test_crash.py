@@ -34,13 +34,20 @@ class AppProcess:
 
     def start(self) -> Client:
         port = free_port()
-        env = {**os.environ, "DATA_DIR": str(self.data_dir), "PORT": str(port), "HOST": "127.0.0.1",
-               "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-               "GRADIO_TEMP_DIR": str(self.work / "gradio")}
+        env = {
+            **os.environ,
+            "DATA_DIR": str(self.data_dir),
+            "PORT": str(port),
+            "HOST": "127.0.0.1",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "HF_HUB_OFFLINE": "1",
+            "GRADIO_TEMP_DIR": str(self.work / "gradio"),
+        }
         log = open(self.work / "app.log", "ab")
         # cwd is a scratch folder: a developer's .env must not change what is tested.
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=self.work, env=env,
-                                     stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")], cwd=self.work, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         self.url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -79,8 +86,9 @@ def db_state(data_dir: Path) -> dict:
             assert len(masks) == mask_count, f"{image_id}: half-stored ({len(masks)} of {mask_count} masks)"
             for counts, area in masks:
                 assert int(rle.decode({"size": [h, w], "counts": counts}).sum()) == area
-        assert conn.execute("SELECT count(*) FROM masks WHERE image_id NOT IN (SELECT id FROM images)"
-                            ).fetchone()[0] == 0
+        assert (
+            conn.execute("SELECT count(*) FROM masks WHERE image_id NOT IN (SELECT id FROM images)").fetchone()[0] == 0
+        )
         return {image_id: key for image_id, key, *_ in rows}
     finally:
         conn.close()

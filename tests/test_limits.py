@@ -9,7 +9,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from app_server import running_app
-from errors import LimitExceeded
+from errors import InvalidInput, LimitExceeded
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
 from limits import RateLimiter, minutes_text, run_periodically
 from settings import Settings
@@ -83,13 +83,14 @@ def test_old_keys_are_forgotten():
     for i in range(2048):
         rl.hit([f"addr:{i}"])
     clock.t += 11
-    for i in range(2048):
+    for _ in range(2048):
         rl.hit(["addr:same"])
     assert len(rl._events) <= 1025
 
 
-@pytest.mark.parametrize("seconds, text", [(1, "1 minute"), (60, "1 minute"), (61, "2 minutes"),
-                                           (719, "12 minutes"), (3600, "60 minutes")])
+@pytest.mark.parametrize(
+    "seconds, text", [(1, "1 minute"), (60, "1 minute"), (61, "2 minutes"), (719, "12 minutes"), (3600, "60 minutes")]
+)
 def test_minutes_are_rounded_up(seconds, text):
     assert minutes_text(seconds) == text
 
@@ -112,8 +113,8 @@ def test_segmentation_limit_message_says_which_limit_and_when(tmp_path):
     with pytest.raises(LimitExceeded) as info:
         studio.generate_and_store(PHOTO, owner="alice", address="10.0.0.3")
     assert info.value.message == (
-        "You have used your 2 segmentations for this hour (SEGMENT_RATE_LIMIT); "
-        "the next one is possible in 12 minutes.")
+        "You have used your 2 segmentations for this hour (SEGMENT_RATE_LIMIT); the next one is possible in 12 minutes."
+    )
     studio.generate_and_store(PHOTO, owner="bob", address="10.0.0.9")
     studio.generate_and_store(PHOTO, owner="bob", address="10.0.0.9")
     with pytest.raises(LimitExceeded) as info:  # another owner from an address already at its limit
@@ -126,7 +127,7 @@ def test_segmentation_limit_message_says_which_limit_and_when(tmp_path):
 
 def test_an_unreadable_image_is_not_counted(tmp_path):
     studio = make_studio(tmp_path, segment_rate_limit=1)
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidInput):
         studio.generate_and_store(b"not an image", owner="alice")
     studio.generate_and_store(PHOTO, owner="alice")
 
@@ -156,8 +157,10 @@ def test_image_quota_is_atomic_under_concurrent_uploads(tmp_path):
     stored = [o for o in outcomes if o.startswith("race-")]
     refused = [o for o in outcomes if not o.startswith("race-")]
     assert len(stored) == 1 and len(refused) == 1
-    assert refused[0] == ("You have stored 1 images, the most allowed (MAX_IMAGES_PER_OWNER = 1); "
-                          "delete one in the library (or with /delete_image) to make room.")
+    assert refused[0] == (
+        "You have stored 1 images, the most allowed (MAX_IMAGES_PER_OWNER = 1); "
+        "delete one in the library (or with /delete_image) to make room."
+    )
     # The loser's blob went with it; the winner is intact.
     assert sorted(studio.blobs.keys()) == sorted(studio.db.blob_keys())
     assert studio.info(stored[0], "alice")["mask_count"] == 4
@@ -206,8 +209,14 @@ def test_limits_through_the_api(tmp_path):
     keys = (("alice", "alice-key-0123456789"), ("bob", "bob-key-0123456789"))
     photo = tmp_path / "p.png"
     photo.write_bytes(PHOTO)
-    with running_app(tmp_path / "data", RecordsSegmenter(house_masks), auth_mode="keys", app_api_keys=keys,
-                     segment_rate_limit=3, max_images_per_owner=2) as (url, *_):
+    with running_app(
+        tmp_path / "data",
+        RecordsSegmenter(house_masks),
+        auth_mode="keys",
+        app_api_keys=keys,
+        segment_rate_limit=3,
+        max_images_per_owner=2,
+    ) as (url, *_):
         alice, bob = (Client(url, verbose=False, headers={"Authorization": f"Bearer {k}"}) for _, k in keys)
 
         def gen(c, image_id):
@@ -224,8 +233,10 @@ def test_limits_through_the_api(tmp_path):
         alice.predict("a1", api_name="/delete_image")
         gen(alice, "a3")
         alice.predict("a2", api_name="/delete_image")
-        assert refused(alice, "a4") == ("You have used your 3 segmentations for this hour (SEGMENT_RATE_LIMIT); "
-                                        "the next one is possible in 60 minutes.")
+        assert refused(alice, "a4") == (
+            "You have used your 3 segmentations for this hour (SEGMENT_RATE_LIMIT); "
+            "the next one is possible in 60 minutes."
+        )
         # bob has his own quota, but shares alice's address (loopback), which is at its limit too.
         assert refused(bob, "b1").startswith("Your network address has used its 3 segmentations for this hour")
         # Nothing stored is damaged, and everything else still works.

@@ -38,8 +38,9 @@ def photo(tmp_path_factory):
 def keyed(tmp_path_factory, photo):
     settings = {"auth_mode": "keys", "app_api_keys": tuple(KEYS.items()), "admin_api_key": ADMIN}
     with running_app(tmp_path_factory.mktemp("data"), RecordsSegmenter(house_masks), **settings) as (url, *_):
-        clients = {who: Client(url, verbose=False, headers={"Authorization": f"Bearer {key}"})
-                   for who, key in KEYS.items()}
+        clients = {
+            who: Client(url, verbose=False, headers={"Authorization": f"Bearer {key}"}) for who, key in KEYS.items()
+        }
         clients["admin"] = Client(url, verbose=False, headers={"X-API-Key": ADMIN})
         for who in KEYS:
             clients[who].predict(handle_file(photo), f"{who}-img", api_name="/generate_and_store_masks")
@@ -73,17 +74,23 @@ def test_admin_lists_and_deletes_everything(keyed, photo):
     assert [i["image_id"] for i in clients["bob"].predict(api_name="/list_images")] == ["bob-img"]
 
 
-@pytest.mark.parametrize("headers, message", [
-    ({}, "This server needs an API key: send it as the header 'Authorization: Bearer <key>'"),
-    ({"Authorization": "Bearer wrong-key"}, "That API key is not recognised."),
-    ({"X-API-Key": "alice"}, "That API key is not recognised."),
-])
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        ({}, "This server needs an API key: send it as the header 'Authorization: Bearer <key>'"),
+        ({"Authorization": "Bearer wrong-key"}, "That API key is not recognised."),
+        ({"X-API-Key": "alice"}, "That API key is not recognised."),
+    ],
+)
 def test_missing_or_wrong_key_is_unauthorized(keyed, headers, message):
     url, _ = keyed
     c = Client(url, verbose=False, headers=headers)
-    for endpoint, args in [("/list_images", ()), ("/image_info", ("alice-img",)),
-                           ("/generate_and_store_masks", (None, None, "aGVsbG8="))]:
-        assert message in error_of(lambda: c.predict(*args, api_name=endpoint))
+    for endpoint, args in [
+        ("/list_images", ()),
+        ("/image_info", ("alice-img",)),
+        ("/generate_and_store_masks", (None, None, "aGVsbG8=")),
+    ]:
+        assert message in error_of(lambda args=args, endpoint=endpoint: c.predict(*args, api_name=endpoint))
 
 
 def test_open_mode_without_keys_is_one_owner(tmp_path, photo):

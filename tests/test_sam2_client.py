@@ -28,7 +28,6 @@ from errors import (
     SegmentationRejected,
     SegmentationServerError,
     SegmentationTimeout,
-    SegmentationUnavailable,
     SegmentationUnreachable,
 )
 from sam2_client import HttpSegmenter, make_segmenter
@@ -121,8 +120,15 @@ def assert_no_token(caplog, exc: BaseException | None = None) -> None:
 def test_mask_studio_auto_sends_the_documented_request_and_normalises_coco_rle(server, client, caplog):
     caplog.set_level(logging.DEBUG)
     records = [
-        {"segmentation": rle.encode(BIG), "area": 1, "bbox": [0, 0, 1, 1], "predicted_iou": 0.9,
-         "stability_score": 0.97, "point_coords": [[30.0, 20.0]], "crop_box": [0, 0, W, H]},
+        {
+            "segmentation": rle.encode(BIG),
+            "area": 1,
+            "bbox": [0, 0, 1, 1],
+            "predicted_iou": 0.9,
+            "stability_score": 0.97,
+            "point_coords": [[30.0, 20.0]],
+            "crop_box": [0, 0, W, H],
+        },
         {"segmentation": rle.encode(SMALL), "predicted_iou": 0.8},
     ]
     server.add("POST", "/segment", Reply(json={"masks": records}))
@@ -176,10 +182,16 @@ def test_hugging_face_pipeline_shape(server, client):
 def test_bare_list_and_mask_urls_on_the_service_host(server, client):
     server.add("GET", "/files/a.png", Reply(body=png(BIG), headers={"Content-Type": "image/png"}))
     server.add("GET", "/files/b.png", Reply(body=png(SMALL, "RGBA")))
-    server.add("POST", "/segment", Reply(json=[
-        {"mask_url": "/files/a.png", "predicted_iou": 0.7},
-        {"segmentation": f"{server.url}/files/b.png"},
-    ]))
+    server.add(
+        "POST",
+        "/segment",
+        Reply(
+            json=[
+                {"mask_url": "/files/a.png", "predicted_iou": 0.7},
+                {"segmentation": f"{server.url}/files/b.png"},
+            ]
+        ),
+    )
     out = client().generate(make_image())
     for got, want in zip(decoded(out), [BIG, SMALL]):
         np.testing.assert_array_equal(got, want)
@@ -204,13 +216,21 @@ def test_empty_masks_dropped_duplicates_merged_and_cap_keeps_the_best(server, cl
     nearly_big = BIG.copy()
     nearly_big[4, 4] = False  # IoU with BIG > 0.95
     empty = np.zeros((H, W), bool)
-    server.add("POST", "/segment", Reply(json={"masks": [
-        {"segmentation": rle.encode(BIG), "predicted_iou": 0.80},
-        {"segmentation": rle.encode(nearly_big), "predicted_iou": 0.95},
-        {"segmentation": rle.encode(empty), "predicted_iou": 0.99},
-        {"segmentation": rle.encode(MID), "predicted_iou": 0.85},
-        {"segmentation": rle.encode(SMALL), "predicted_iou": 0.90},
-    ]}))
+    server.add(
+        "POST",
+        "/segment",
+        Reply(
+            json={
+                "masks": [
+                    {"segmentation": rle.encode(BIG), "predicted_iou": 0.80},
+                    {"segmentation": rle.encode(nearly_big), "predicted_iou": 0.95},
+                    {"segmentation": rle.encode(empty), "predicted_iou": 0.99},
+                    {"segmentation": rle.encode(MID), "predicted_iou": 0.85},
+                    {"segmentation": rle.encode(SMALL), "predicted_iou": 0.90},
+                ]
+            }
+        ),
+    )
     out = client(max_masks=2).generate(make_image())
     # the duplicate kept is the better-scored one; of the three left, the two highest predicted_iou
     assert [r["predicted_iou"] for r in out] == [0.95, 0.90]
@@ -220,9 +240,15 @@ def test_empty_masks_dropped_duplicates_merged_and_cap_keeps_the_best(server, cl
 def test_large_image_is_sent_downscaled_and_masks_come_back_full_size(server, client):
     image = make_image(400, 600)
     small = rect(100, 150, 30, 20, 90, 70)  # what the service sees: 150×100
-    server.add("POST", "/segment", Reply(json={"masks": [
-        {"segmentation": rle.encode(small), "point_coords": [[60, 40]], "crop_box": [0, 0, 150, 100]}
-    ]}))
+    server.add(
+        "POST",
+        "/segment",
+        Reply(
+            json={
+                "masks": [{"segmentation": rle.encode(small), "point_coords": [[60, 40]], "crop_box": [0, 0, 150, 100]}]
+            }
+        ),
+    )
     (record,) = client(sam_max_side=150).generate(image)
     sent = Image.open(io.BytesIO(base64.b64decode(server.requests[0].json()["image"])))
     assert sent.size == (150, 100)
@@ -240,12 +266,21 @@ def test_mask_at_another_size_with_the_same_proportions_is_resized(server, clien
 
 def test_prompted_segment_scales_prompts_and_picks_the_best_of_several(server, client):
     image = make_image(200, 400)
-    server.add("POST", "/segment", Reply(json={"masks": [
-        {"segmentation": rle.encode(rect(50, 100, 10, 10, 90, 40)), "predicted_iou": 0.7},
-        {"segmentation": rle.encode(rect(50, 100, 20, 20, 40, 30)), "predicted_iou": 0.9},
-    ]}))
-    record = client(sam_max_side=100).segment(image, points=[[120, 100], [300, 60]], point_labels=[1, 0],
-                                              box=[40, 40, 200, 160])
+    server.add(
+        "POST",
+        "/segment",
+        Reply(
+            json={
+                "masks": [
+                    {"segmentation": rle.encode(rect(50, 100, 10, 10, 90, 40)), "predicted_iou": 0.7},
+                    {"segmentation": rle.encode(rect(50, 100, 20, 20, 40, 30)), "predicted_iou": 0.9},
+                ]
+            }
+        ),
+    )
+    record = client(sam_max_side=100).segment(
+        image, points=[[120, 100], [300, 60]], point_labels=[1, 0], box=[40, 40, 200, 160]
+    )
     body = server.requests[0].json()
     assert body["mode"] == "points"
     assert body["points"] == [[30.0, 25.0], [75.0, 15.0]] and body["point_labels"] == [1, 0]
@@ -280,25 +315,58 @@ def test_bad_prompts_are_refused_before_any_request(server, client, kwargs, mess
         (Reply(404, json={"detail": "Not Found"}), SegmentationEndpointNotFound, "POST http://127.0.0.1:\\d+/segment"),
         (Reply(413), SegmentationImageTooLarge, "Lower SAM_MAX_SIDE"),
         (Reply(422, json={"detail": "points_per_side must be <= 64"}), SegmentationRejected, "points_per_side"),
-        (Reply(200, body=b"<html>gateway</html>", headers={"Content-Type": "text/html"}),
-         SegmentationBadResponse, "did not answer JSON"),
+        (
+            Reply(200, body=b"<html>gateway</html>", headers={"Content-Type": "text/html"}),
+            SegmentationBadResponse,
+            "did not answer JSON",
+        ),
         (Reply(json={"result": "ok"}), SegmentationBadResponse, "keys 'result'"),
         (Reply(json=42), SegmentationBadResponse, "not masks"),
         (Reply(json={"masks": [{"area": 3}]}), SegmentationBadResponse, "no 'segmentation'"),
-        (Reply(json={"masks": [{"segmentation": {"size": [H, W], "counts": [5, 5]}}]}),
-         SegmentationBadResponse, "RLE does not fit its size"),
-        (Reply(json={"masks": [{"segmentation": {"size": [H, W], "counts": "\x01garbage"}}]}),
-         SegmentationBadResponse, "RLE"),
-        (Reply(json={"masks": [{"segmentation": rle.encode(np.ones((W, H), bool))}]}),
-         SegmentationBadResponse, "sizes disagree"),
-        (Reply(json={"masks": [{"segmentation": b64png(np.ones((10, 40), bool))}]}),
-         SegmentationBadResponse, "10|sizes disagree"),
+        (
+            Reply(json={"masks": [{"segmentation": {"size": [H, W], "counts": [5, 5]}}]}),
+            SegmentationBadResponse,
+            "RLE does not fit its size",
+        ),
+        (
+            Reply(json={"masks": [{"segmentation": {"size": [H, W], "counts": "\x01garbage"}}]}),
+            SegmentationBadResponse,
+            "RLE",
+        ),
+        (
+            Reply(json={"masks": [{"segmentation": rle.encode(np.ones((W, H), bool))}]}),
+            SegmentationBadResponse,
+            "sizes disagree",
+        ),
+        (
+            Reply(json={"masks": [{"segmentation": b64png(np.ones((10, 40), bool))}]}),
+            SegmentationBadResponse,
+            "10|sizes disagree",
+        ),
         (Reply(json={"masks": [{"segmentation": "not base64 !"}]}), SegmentationBadResponse, "neither a URL"),
-        (Reply(302, headers={"Location": "https://elsewhere.example/segment?key=abc"}),
-         SegmentationBadResponse, "redirected"),
+        (
+            Reply(302, headers={"Location": "https://elsewhere.example/segment?key=abc"}),
+            SegmentationBadResponse,
+            "redirected",
+        ),
     ],
-    ids=["401", "403", "404", "413", "422", "html", "wrong-keys", "number", "no-segmentation",
-         "rle-sum", "rle-corrupt", "rle-size", "png-size", "bad-base64", "redirect"],
+    ids=[
+        "401",
+        "403",
+        "404",
+        "413",
+        "422",
+        "html",
+        "wrong-keys",
+        "number",
+        "no-segmentation",
+        "rle-sum",
+        "rle-corrupt",
+        "rle-size",
+        "png-size",
+        "bad-base64",
+        "redirect",
+    ],
 )
 def test_each_failure_is_a_distinct_clear_error(server, client, caplog, reply, error, message):
     caplog.set_level(logging.DEBUG)
@@ -332,8 +400,12 @@ def test_5xx_reported_after_the_retries(server, client):
 
 
 def test_429_honours_retry_after(server, client, caplog):
-    server.add("POST", "/segment", Reply(429, headers={"Retry-After": "0"}),
-               Reply(json={"masks": [{"segmentation": rle.encode(MID)}]}))
+    server.add(
+        "POST",
+        "/segment",
+        Reply(429, headers={"Retry-After": "0"}),
+        Reply(json={"masks": [{"segmentation": rle.encode(MID)}]}),
+    )
     assert len(client().generate(make_image())) == 1
     assert "HTTP 429; retrying in 0.0 s (Retry-After)" in caplog.text
 
@@ -463,8 +535,16 @@ def test_mask_url_content_is_verified(server, client, url, reply, message):
 def test_cog_protocol(server, client):
     server.add("GET", "/out/0.png", Reply(body=png(BIG)))
     server.add("GET", "/out/1.png", Reply(body=png(SMALL)))
-    server.add("POST", "/predictions", Reply(json={"status": "succeeded", "output": {
-        "combined_mask": "/out/c.png", "individual_masks": ["/out/0.png", "/out/1.png"]}}))
+    server.add(
+        "POST",
+        "/predictions",
+        Reply(
+            json={
+                "status": "succeeded",
+                "output": {"combined_mask": "/out/c.png", "individual_masks": ["/out/0.png", "/out/1.png"]},
+            }
+        ),
+    )
     out = client(sam_api_protocol="cog").generate(make_image(), params={"use_m2m": True})
     body = server.requests[0].json()
     assert body["input"]["image"].startswith("data:image/png;base64,")
@@ -488,11 +568,17 @@ def prediction(server, status: str, **extra) -> dict:
 def test_replicate_polls_until_succeeded_and_reports_progress(server, client, caplog):
     caplog.set_level(logging.DEBUG)
     path = "/v1/models/meta/sam-2/predictions"
-    output = {"combined_mask": f"http://localhost:{server.port}/d/c.png",
-              "individual_masks": [f"http://localhost:{server.port}/d/0.png"]}
+    output = {
+        "combined_mask": f"http://localhost:{server.port}/d/c.png",
+        "individual_masks": [f"http://localhost:{server.port}/d/0.png"],
+    }
     server.add("POST", path, Reply(201, json=prediction(server, "starting")))
-    server.add("GET", "/v1/predictions/p1", Reply(json=prediction(server, "processing")),
-               Reply(json=prediction(server, "succeeded", output=output)))
+    server.add(
+        "GET",
+        "/v1/predictions/p1",
+        Reply(json=prediction(server, "processing")),
+        Reply(json=prediction(server, "succeeded", output=output)),
+    )
     server.add("GET", "/d/0.png", Reply(body=png(MID)))
     seen = []
     seg = client(sam_api_url=server.url + path, sam_api_protocol="replicate", sam_mask_url_hosts=("localhost",))
@@ -521,10 +607,20 @@ def test_hosted_replicate_shapes_through_the_transport_seam():
     def replicate(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         if request.url.host == "api.replicate.com":
-            output = {"combined_mask": "https://replicate.delivery/pbxt/c.png",
-                      "individual_masks": ["https://pbxt.replicate.delivery/x/0.png"]}
-            return httpx.Response(201, json={"id": "p1", "status": "succeeded", "output": output, "error": None,
-                                             "urls": {"get": api + "/p1", "cancel": api + "/p1/cancel"}})
+            output = {
+                "combined_mask": "https://replicate.delivery/pbxt/c.png",
+                "individual_masks": ["https://pbxt.replicate.delivery/x/0.png"],
+            }
+            return httpx.Response(
+                201,
+                json={
+                    "id": "p1",
+                    "status": "succeeded",
+                    "output": output,
+                    "error": None,
+                    "urls": {"get": api + "/p1", "cancel": api + "/p1/cancel"},
+                },
+            )
         if request.url.path == "/x/0.png":
             return httpx.Response(200, content=png(MID), headers={"Content-Type": "image/png"})
         return httpx.Response(404)
@@ -574,9 +670,7 @@ def test_replicate_giving_up_at_the_timeout_cancels_the_prediction(server, clien
     server.add("GET", "/v1/predictions/p1", *[Reply(json=prediction(server, "processing"))] * 200)
     server.add("POST", "/v1/predictions/p1/cancel", Reply(json=prediction(server, "canceled")))
     with pytest.raises(SegmentationTimeout, match="SAM_API_TIMEOUT"):
-        client(sam_api_url=server.url + "/p", sam_api_protocol="replicate", sam_api_timeout=0.5).generate(
-            make_image()
-        )
+        client(sam_api_url=server.url + "/p", sam_api_protocol="replicate", sam_api_timeout=0.5).generate(make_image())
     assert len(server.wait_for("POST", "/v1/predictions/p1/cancel")) == 1
 
 

@@ -17,8 +17,19 @@ def _image(image_id="img_a", owner="local", masks=2):
 def _mask(image_id="img_a", mask_id=0):
     m = np.zeros((6, 8), bool)
     m[1:4, 2 : 3 + mask_id] = True
-    return MaskRow(image_id, mask_id, rle.encode(m)["counts"], int(m.sum()), rle.bbox_of(m), 0.9, None,
-                   [[2, 1]], None, None, "none")
+    return MaskRow(
+        image_id,
+        mask_id,
+        rle.encode(m)["counts"],
+        int(m.sum()),
+        rle.bbox_of(m),
+        0.9,
+        None,
+        [[2, 1]],
+        None,
+        None,
+        "none",
+    )
 
 
 @pytest.fixture

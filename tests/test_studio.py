@@ -55,8 +55,12 @@ def test_mask_at_point_smallest_first(studio, photo):
     areas = [info[c]["area"] for c in hit["candidates"]]
     assert len(areas) == 3 and areas == sorted(areas)
     assert hit["mask_id"] == hit["candidates"][0] and hit["area"] == areas[0]
-    assert studio.mask_at_point("house", 5, 5, "local") == {"mask_id": None, "candidates": [], "area": None,
-                                                          "bbox": None}
+    assert studio.mask_at_point("house", 5, 5, "local") == {
+        "mask_id": None,
+        "candidates": [],
+        "area": None,
+        "bbox": None,
+    }
 
 
 @pytest.mark.parametrize(
