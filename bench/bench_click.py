@@ -69,6 +69,18 @@ def server_side(studio, image_id: str, steps: list[dict], runs: int = 7) -> tupl
     return statistics.median(ours) * 1000, statistics.median(naive) * 1000
 
 
+def distinct_points(studio, image_id: str, n: int) -> list[tuple[float, float]]:
+    """n points (as fractions of the picture) whose smallest masks are all different."""
+    seen, out = set(), []
+    for fy in np.linspace(0.1, 0.9, 17):
+        for fx in np.linspace(0.1, 0.9, 17):
+            hit = studio.mask_at_point(image_id, int(fx * 2048), int(fy * 2048), "local")["mask_id"]
+            if hit is not None and hit not in seen:
+                seen.add(hit)
+                out.append((float(fx), float(fy)))
+    return out[:n]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clicks", type=int, default=15)
@@ -93,11 +105,13 @@ def main() -> None:
             page.set_input_files("#upload input[type=file]", str(photo))
             page.wait_for_selector("#composite img", timeout=120_000)
             page.wait_for_selector("#gallery .thumbnail-item", timeout=120_000)
-            rng = np.random.default_rng(0)
-            for _ in range(args.clicks):
+            page.locator("#composite img").scroll_into_view_if_needed()
+            # Points whose smallest mask differs from click to click: every click paints a new mask,
+            # so every click changes the picture (an identical picture would keep its URL).
+            image_id = studio.list_images("local")[0]["image_id"]
+            for fx, fy in distinct_points(studio, image_id, args.clicks):
                 box = page.locator("#composite img").bounding_box()
                 before = page.locator("#composite img").get_attribute("src")
-                fx, fy = rng.uniform(0.2, 0.8, 2)
                 t = time.perf_counter()
                 page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
                 page.wait_for_function(
@@ -110,7 +124,6 @@ def main() -> None:
                 times.append((time.perf_counter() - t) * 1000)
                 page.wait_for_timeout(150)
             browser.close()
-        image_id = studio.list_images("local")[0]["image_id"]
         steps = [{"mask_id": i, "color": [255, 0, 0, 128]} for i in range(0, 100, 2)]
         ours_ms, naive_ms = server_side(studio, image_id, steps)
     finally:
