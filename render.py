@@ -15,6 +15,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from numbers import Integral, Real
 
 import numpy as np
@@ -29,6 +30,10 @@ DEFAULT_ALPHA = 128
 # Blend in row bands of about this many pixels: the temporaries stay in cache and are never big
 # enough to be handed back to the OS and page-faulted again on the next call.
 _BAND_PIXELS = 1 << 17
+# Frames larger than this (full-size renders and downloads; not the ≤1024² display copy a click pays for)
+# are blended as two halves on two threads: 1.6x faster on this 2-core machine when it is otherwise idle.
+_PARALLEL_PIXELS = 1 << 21
+_POOL: ThreadPoolExecutor | None = None
 
 Color = tuple[int, int, int, int] | str
 
@@ -387,15 +392,43 @@ def render(
 def _blend(image: np.ndarray, labels: np.ndarray, table: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
     """out[p, ch] = trunc(table[l, ch] + table[l, 3]·image[p, ch]) with l = labels[p], in cache-sized bands."""
     h, w = labels.shape
-    channels = 3 if alpha is None else 4
-    out = np.empty((h, w, channels), dtype=np.uint8)
+    out = np.empty((h, w, 3 if alpha is None else 4), dtype=np.uint8)
+    if h * w < _PARALLEL_PIXELS or h < 2:
+        _blend_rows(image, labels, table, alpha, out, 0, h)
+        return out
+    mid = h // 2
+    second = _pool().submit(_blend_rows, image, labels, table, alpha, out, mid, h)
+    _blend_rows(image, labels, table, alpha, out, 0, mid)
+    second.result()
+    return out
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One helper thread for the second half of large frames (numpy releases the GIL in these loops)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+    return _POOL
+
+
+def _blend_rows(
+    image: np.ndarray,
+    labels: np.ndarray,
+    table: np.ndarray,
+    alpha: np.ndarray | None,
+    out: np.ndarray,
+    start: int,
+    stop: int,
+) -> None:
+    """Rows start..stop of _blend, in bands of about _BAND_PIXELS pixels with their own scratch buffers."""
+    h, w = labels.shape
     band = max(1, _BAND_PIXELS // w)
     n = band * w
     idx = np.empty(n, dtype=np.intp)
     rows = np.empty((n, 4), dtype=np.float32)
     pix = np.empty((n, 3), dtype=np.float32)
-    for r0 in range(0, h, band):
-        r1 = min(h, r0 + band)
+    for r0 in range(start, stop, band):
+        r1 = min(stop, r0 + band)
         m = (r1 - r0) * w
         np.copyto(idx[:m], labels[r0:r1].reshape(-1))  # np.take wants intp indices
         np.take(table, idx[:m], axis=0, out=rows[:m])  # 16-byte rows: numpy's fast gather path
@@ -413,7 +446,6 @@ def _blend(image: np.ndarray, labels: np.ndarray, table: np.ndarray, alpha: np.n
             for ch in range(3):
                 np.copyto(dst[:, ch], px[:, ch], casting="unsafe")
             dst[:, 3] = np.take(alpha, idx[:m])
-    return out
 
 
 def cutout(image: np.ndarray, mask: np.ndarray, bbox: list[int], max_side: int = 160) -> np.ndarray:

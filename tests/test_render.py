@@ -228,6 +228,19 @@ def test_render_bands_cover_every_row(monkeypatch):
     assert np.abs(render.render(image, index, steps, "dim").astype(int) - want).max() <= 1
 
 
+@pytest.mark.parametrize("background", ["original", "transparent"])
+def test_large_frames_split_over_two_threads_render_the_same(monkeypatch, background):
+    # Small frames take the one-thread path; lowering the threshold sends them down the two-thread path.
+    image, masks, steps = random_scene(5, h=41, w=29)
+    index = render.MaskIndex.build(image.shape[:2], enumerate(masks))
+    monkeypatch.setattr(render, "_BAND_PIXELS", 29 * 3)
+    one = render.render(image, index, steps, background)
+    monkeypatch.setattr(render, "_PARALLEL_PIXELS", 1)
+    np.testing.assert_array_equal(render.render(image, index, steps, background), one)
+    want = reference(image, masks, steps, background).astype(int)
+    assert np.abs(one.astype(int) - want).max() <= 1
+
+
 # ---- the index -------------------------------------------------------------------------------------
 def test_masks_at_lists_every_mask_smallest_first_ties_by_id():
     big = np.ones((4, 5), bool)
