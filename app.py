@@ -17,7 +17,6 @@ from typing import Any
 
 import gradio as gr
 import gradio.utils as gradio_utils
-import numpy as np
 from gradio.data_classes import FileData
 
 import imaging
@@ -161,34 +160,6 @@ class LeaveWatch:
         return self.seen and not alive
 
 
-def _checkerboard(rgba: np.ndarray, cell: int = 12) -> np.ndarray:
-    """Show transparency the way image editors do: over a light grey checkerboard."""
-    h, w = rgba.shape[:2]
-    yy, xx = np.indices((h, w))
-    board = np.where(((yy // cell + xx // cell) % 2)[..., None] == 0, 255, 204).astype(np.uint16)
-    alpha = rgba[..., 3:4].astype(np.uint16)
-    return ((rgba[..., :3] * alpha + board * (255 - alpha) + 127) // 255).astype(np.uint8)
-
-
-def _overlay_prompt(arr: np.ndarray, sess: dict, shape: tuple[int, int]) -> np.ndarray:
-    """The object being built: its preview mask in translucent cyan, include points green, exclude red."""
-    out = arr.astype(np.float32)
-    dh, dw = arr.shape[:2]
-    h, w = shape
-    rec = sess.get("preview")
-    if rec is not None:
-        mask = rle.decode(rec["segmentation"])
-        small = mask[(np.arange(dh) * h // dh)[:, None], (np.arange(dw) * w // dw)[None, :]]
-        out[small] = out[small] * 0.45 + np.array([0, 220, 255], np.float32) * 0.55
-    r = max(3, min(dh, dw) // 120)
-    for x, y, label in sess.get("points") or []:
-        cx, cy = int(x * dw / w), int(y * dh / h)
-        colour = (40, 220, 60) if label == 1 else (235, 40, 40)
-        out[max(0, cy - r - 1) : cy + r + 2, max(0, cx - r - 1) : cx + r + 2] = (255, 255, 255)
-        out[max(0, cy - r) : cy + r + 1, max(0, cx - r) : cx + r + 1] = colour
-    return out.astype(np.uint8)
-
-
 def hex_to_rgba(color: str | None, opacity: float | None) -> list[int]:
     """Colour picker value (#rrggbb, or rgb()/rgba() text) plus an opacity slider → [r, g, b, a]."""
     r, g, b, _ = render.parse_color(color or DEFAULT_COLOR, 0)  # type: ignore[misc]
@@ -223,10 +194,11 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             return None
         arr = studio.render(sess["image_id"], _instructions(sess), background, sess["owner"], display=True)
         if arr.shape[2] == 4:
-            arr = _checkerboard(arr)
+            arr = render.on_checkerboard(arr)
         if sess.get("points"):
             loaded = studio.load(sess["image_id"], sess["owner"])
-            arr = _overlay_prompt(arr, sess, (loaded.row.height, loaded.row.width))
+            preview = rle.decode(sess["preview"]["segmentation"]) if sess.get("preview") else None
+            arr = render.prompt_overlay(arr, preview, sess["points"], (loaded.row.height, loaded.row.width))
         return outputs.write("composite.jpg", imaging.encode_jpeg(arr))
 
     def painted_table(sess: dict) -> list[list]:
@@ -328,6 +300,12 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         )
         sess = new_session(summary["image_id"], sess["owner"])
         gr.Info(f"{summary['mask_count']} masks from the {summary['engine']}.")
+        if summary["s3"] and summary["s3"]["failed"]:
+            gr.Warning(
+                f"{summary['s3']['failed']} of {summary['mask_count']} masks could not be uploaded to S3 "
+                f"({summary['s3'].get('error', 'see the log')}). They are kept here and will be uploaded again "
+                "later (at the next start, or with /retry_uploads)."
+            )
         # Empty the upload box and the id: ready for the next photo without first clearing them.
         return view(sess, background, gallery=True) + (library_choices(sess["owner"]), status_text(), None, "")
 

@@ -464,3 +464,33 @@ def cutout(image: np.ndarray, mask: np.ndarray, bbox: list[int], max_side: int =
     out[..., :3] = image[rows][:, cols]
     out[..., 3] = np.where(mask[rows][:, cols], 255, 0)
     return out
+
+
+# ---- what the UI shows on top of a composite -------------------------------------------------------
+def on_checkerboard(rgba: np.ndarray, cell: int = 12) -> np.ndarray:
+    """An RGBA composite shown the way image editors show transparency: over a light grey checkerboard."""
+    h, w = rgba.shape[:2]
+    yy, xx = np.indices((h, w))
+    board = np.where(((yy // cell + xx // cell) % 2)[..., None] == 0, 255, 204).astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    return ((rgba[..., :3] * alpha + board * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def prompt_overlay(
+    image: np.ndarray, preview: np.ndarray | None, points: list[list[int]], shape: tuple[int, int]
+) -> np.ndarray:
+    """The object being built, on a display copy: the full-size `preview` mask in translucent cyan,
+    include points (label 1) green and exclude points red; `points` are [x, y, label] in full-size pixels."""
+    out = image.astype(np.float32)
+    dh, dw = image.shape[:2]
+    h, w = shape
+    if preview is not None:
+        small = preview[nearest_indices(h, dh)[:, None], nearest_indices(w, dw)[None, :]]
+        out[small] = out[small] * 0.45 + np.array([0, 220, 255], np.float32) * 0.55
+    r = max(3, min(dh, dw) // 120)
+    for x, y, label in points:
+        cx, cy = int(x * dw / w), int(y * dh / h)
+        colour = (40, 220, 60) if label == 1 else (235, 40, 40)
+        out[max(0, cy - r - 1) : cy + r + 2, max(0, cx - r - 1) : cx + r + 2] = (255, 255, 255)
+        out[max(0, cy - r) : cy + r + 1, max(0, cx - r) : cx + r + 1] = colour
+    return out.astype(np.uint8)

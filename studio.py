@@ -235,7 +235,10 @@ class Studio:
         s3 = None
         if self.s3 is not None:
             say(0.85, f"Uploading {len(mask_rows)} masks to S3")
-            s3 = self._upload_masks(loaded, mask_rows, _fraction(say, 0.85, 1.0)).counts()
+            report = self._upload_masks(loaded, mask_rows, _fraction(say, 0.85, 1.0))
+            s3 = report.counts()
+            if report.failed:  # one reason is enough for a person to act on
+                s3["error"] = next(iter(report.failed.values()))
             if self.settings.s3_upload_originals:
                 self._upload_original(row, rgb)
         say(1.0, "Done")

@@ -94,7 +94,9 @@ def test_s3_down_loses_nothing_and_retry_recovers(server, tmp_path, house_photo)
         c = Client(url, verbose=False)
         server.stop()  # the network / S3 goes away
         out = c.predict(handle_file(house_photo), "house", api_name="/generate_and_store_masks")
-        assert out["mask_count"] == 4 and out["s3"] == {"uploaded": 0, "failed": 4}
+        assert out["mask_count"] == 4 and (out["s3"]["uploaded"], out["s3"]["failed"]) == (0, 4)
+        assert "could not" in out["s3"]["error"].lower() or "connect" in out["s3"]["error"].lower()
+        assert "AKIA" not in out["s3"]["error"]  # the reason names no credentials
         info = c.predict("house", api_name="/image_info")
         assert [m["mask_url"] for m in info["available_masks"]] == [None] * 4
         assert c.predict("house", 38, 60, api_name="/mask_at_point")["mask_id"] is not None  # masks kept
@@ -145,3 +147,18 @@ def test_without_s3_mask_url_is_null_and_s3_endpoints_say_so(tmp_path, house_pho
         ):
             with pytest.raises(AppError, match="S3"):
                 call()
+
+
+def test_originals_are_uploaded_when_asked(server, tmp_path, house_photo):
+    bucket = f"b-{uuid.uuid4().hex[:10]}"
+    server.create_bucket(bucket)
+    with s3_app(server, tmp_path, bucket, s3_upload_originals=True) as (url, studio, _):
+        c = Client(url, verbose=False)
+        c.predict(handle_file(house_photo), "house", api_name="/generate_and_store_masks")
+        keys = objects(server, bucket)
+        assert len(keys) == 5  # four masks and the original
+        (original,) = [k for k, kind, state in studio.db.objects("house")]
+        body = server.raw_client().get_object(Bucket=bucket, Key=original)["Body"].read()
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), np.asarray(Image.open(house_photo)))
+        c.predict("house", api_name="/delete_image")
+        assert objects(server, bucket) == []

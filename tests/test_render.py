@@ -495,3 +495,22 @@ def test_cutout_downscales_the_longer_side_to_max_side():
 def test_cutout_of_an_empty_bbox_is_one_transparent_pixel():
     out = render.cutout(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), bool), [0, 0, 0, 0])
     np.testing.assert_array_equal(out, np.zeros((1, 1, 4), np.uint8))
+
+
+def test_checkerboard_shows_transparency_and_keeps_opaque_pixels():
+    rgba = np.zeros((24, 24, 4), np.uint8)
+    rgba[:12, :, :] = (10, 20, 30, 255)  # top half opaque
+    out = render.on_checkerboard(rgba)
+    assert out.shape == (24, 24, 3) and tuple(out[0, 0]) == (10, 20, 30)
+    assert {tuple(out[12, 0]), tuple(out[12, 12])} == {(255, 255, 255), (204, 204, 204)}  # two cells
+
+
+def test_prompt_overlay_marks_points_and_tints_the_preview():
+    image = np.full((50, 100, 3), 100, np.uint8)
+    preview = np.zeros((100, 200), bool)
+    preview[:, 100:] = True  # the right half, at full size (2x the display copy)
+    out = render.prompt_overlay(image, preview, [[20, 20, 1], [180, 80, 0]], (100, 200))
+    assert tuple(out[10, 10]) == (40, 220, 60)  # include point, green
+    assert tuple(out[40, 90]) == (235, 40, 40)  # exclude point, red
+    assert out[5, 75, 2] > 180 and tuple(out[45, 5]) == (100, 100, 100)  # cyan tint only in the preview
+    np.testing.assert_array_equal(image, 100)  # the input is not changed
