@@ -761,7 +761,9 @@ def launch(settings: Settings, studio: Studio, **kwargs):
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = Settings.from_env()
+        # .env from the folder it is started in, else the one next to app.py (what the README says).
+        dotenv = Path(".env") if Path(".env").is_file() else Path(__file__).with_name(".env")
+        settings = Settings.from_env(dotenv_path=dotenv)
     except MaskStudioError as exc:
         raise SystemExit(f"Configuration error: {exc.message}") from None
     studio = create_studio(settings)

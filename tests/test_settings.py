@@ -1,0 +1,72 @@
+"""Settings read once from the environment and .env: defaults, the old names, aliases, clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from errors import InvalidInput
+from settings import ENGINE_BUILTIN, Settings
+
+
+def test_defaults_need_nothing():
+    s = Settings.from_env({}, dotenv_path=None)
+    assert (s.host, s.port, s.data_dir) == ("127.0.0.1", 7860, Path("data"))
+    assert s.sam_api_url is None and s.engine_name == ENGINE_BUILTIN
+    assert s.s3_bucket is None and s.s3_prefix == "sam2-api-masks/" and s.auth_mode == "open"
+    assert (s.max_masks, s.max_image_pixels, s.sam_api_timeout) == (128, 40_000_000, 150.0)
+
+
+def test_old_names_and_aliases():
+    s = Settings.from_env(
+        {
+            "GRADIO_SERVER_NAME": "0.0.0.0",
+            "GRADIO_SERVER_PORT": "8000",
+            "S3_BUCKET": "b",
+            "SAM_API_URL": "http://x/",
+            "SAM_API_TOKEN": "t",
+            "SAM_API_TIMEOUT": "30",
+            "AWS_REGION": "eu-west-1",
+        },
+        dotenv_path=None,
+    )
+    assert (s.host, s.port, s.s3_bucket, s.sam_api_url, s.sam_api_timeout) == ("0.0.0.0", 8000, "b", "http://x", 30.0)
+    assert s.engine_name == "SAM2 service at http://x"
+    assert Settings.from_env({"S3_BUCKET_NAME_STAGING": "old", "S3_BUCKET": "new"}, None).s3_bucket == "old"
+    assert Settings.from_env({"HOST": "h", "GRADIO_SERVER_NAME": "g"}, None).host == "h"
+
+
+def test_space_defaults_to_per_owner_data():
+    s = Settings.from_env({"SPACE_ID": "me/mask-studio"}, dotenv_path=None)
+    assert s.auth_mode == "keys" and s.hf_login
+    assert Settings.from_env({"SPACE_ID": "x", "AUTH_MODE": "open"}, None).auth_mode == "open"
+
+
+def test_dotenv_fills_in_what_the_environment_leaves_unset(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=9001\nDATA_DIR=/srv/masks\nMAX_MASKS=64\n")
+    s = Settings.from_env({"PORT": "9002"}, dotenv_path=env_file)
+    assert (s.port, s.data_dir, s.max_masks) == (9002, Path("/srv/masks"), 64)
+
+
+def test_secrets_are_not_in_repr():
+    s = Settings.from_env(
+        {"SAM_API_TOKEN": "sekrit-token", "APP_API_KEYS": "alice:k-123", "ADMIN_API_KEY": "adm"}, dotenv_path=None
+    )
+    assert "sekrit-token" not in repr(s) and "k-123" not in repr(s) and "adm'" not in repr(s)
+    assert s.app_api_keys == (("alice", "k-123"),)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"PORT": "eighty"}, "PORT must be a number, got 'eighty'."),
+        ({"MAX_MASKS": "0"}, "MAX_MASKS must be at least 1"),
+        ({"SAM_API_PROTOCOL": "grpc"}, "SAM_API_PROTOCOL must be one of mask-studio, cog, replicate; got 'grpc'."),
+        ({"S3_URL_MODE": "private"}, "S3_URL_MODE must be one of public, presigned"),
+        ({"APP_API_KEYS": "just-a-key"}, "APP_API_KEYS must look like 'owner1:key1,owner2:key2'."),
+    ],
+)
+def test_bad_values_say_what_to_fix(env, message):
+    with pytest.raises(InvalidInput) as info:
+        Settings.from_env(env, dotenv_path=None)
+    assert message in info.value.message
