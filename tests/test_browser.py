@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from pathlib import Path
 
@@ -19,17 +18,9 @@ import pytest
 from PIL import Image
 
 from app_server import running_app
+from chromium import launch, require_browser
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
 
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -42,26 +33,12 @@ DEFAULT_RGBA = (0xFF, 0x3B, 0x30, 153)  # the app's default colour at opacity 0.
 TIMEOUT_MS = 20_000
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-if _in_ci():
-    from playwright import sync_api  # CI must run these tests: a missing package fails loudly
-else:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-
-
 # ---- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: install Debian's chromium (scripts/test.sh does, as root)."
-        if _in_ci():
-            pytest.fail(f"CI needs the browser tests: {message}", pytrace=False)
-        pytest.skip(message)
+    sync_api = require_browser()
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        b = launch(p)
         yield b
         b.close()
 

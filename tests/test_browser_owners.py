@@ -1,20 +1,8 @@
 """Two anonymous browsers under AUTH_MODE=keys: each keeps its own library (a key in its local storage)."""
 
-import pytest
-
 from app_server import running_app
+from chromium import launch, require_browser
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
-
-playwright = pytest.importorskip("playwright.sync_api")
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 
 
 def library_after_load(page) -> str:
@@ -27,15 +15,12 @@ def library_after_load(page) -> str:
 
 
 def test_two_anonymous_browsers_do_not_see_each_others_images(tmp_path):
-    import os
-
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("Chromium is needed for this test (apt-get install chromium)")
+    sync_api = require_browser()
     photo = tmp_path / "house.png"
     photo.write_bytes(encode(make_photo(48, 64)))
     with running_app(tmp_path / "data", RecordsSegmenter(house_masks), auth_mode="keys") as (url, studio, _):
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        with sync_api.sync_playwright() as p:
+            browser = launch(p)
             one, two = browser.new_context(), browser.new_context()
             a, b = one.new_page(), two.new_page()
             for page in (a, b):
