@@ -768,7 +768,10 @@ def main() -> None:
         raise SystemExit(f"Configuration error: {exc.message}") from None
     studio = create_studio(settings)
     log.info("Mask Studio: engine %s; data in %s", studio.segmenter.engine, settings.data_dir.resolve())
-    launch(settings, studio)
+    try:
+        launch(settings, studio)  # blocks until the server stops (Ctrl-C)
+    finally:
+        studio.segmenter.close()  # the SAM2 client's pooled connections
 
 
 if __name__ == "__main__":
