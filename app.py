@@ -754,6 +754,8 @@ def launch(settings: Settings, studio: Studio, **kwargs):
         max_file_size=f"{settings.max_upload_mb}mb",
         show_error=False,
         css=CSS,
+        # Every click returns a new picture: a browser-side history of them would only pile up photos.
+        run_history=False,
         **kwargs,
     )
 
