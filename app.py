@@ -436,7 +436,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         if sess["steps"]:
             sess["history"] = (sess["history"] + [list(map(list, sess["steps"]))])[-50:]
         sess["steps"], sess["selected"], sess["candidates"] = [], None, []
-        return view(sess, background)
+        return view(sess, background) + (gr.update(selected_index=None),)  # no thumbnail stays highlighted
 
     @user_errors
     def on_download_png(sess, background):
@@ -684,7 +684,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         background.change(on_background, [sess, background], shown, **quick)
         undo.click(on_undo, [sess, background], shown, **quick)
         remove.click(on_remove, [sess, background], shown, **quick)
-        clear.click(on_clear, [sess, background], shown, **quick)
+        clear.click(on_clear, [sess, background], shown + [gallery], **quick)
         dl_png.click(on_download_png, [sess, background], downloads, **private)
         dl_coco_painted.click(functools.partial(on_download_coco, which="painted"), [sess], downloads, **private)
         dl_coco_all.click(functools.partial(on_download_coco, which="all"), [sess], downloads, **private)
