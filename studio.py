@@ -2,7 +2,8 @@
 
 `Studio` ties the segmenter, the database, the blob store and the renderer together, checks every
 input once at this edge, and keeps a small in-process cache of decoded images and their mask
-indexes so that clicks and renders never touch the disk or decode a mask.
+indexes so that clicks and renders never touch the disk or decode a mask. Publishing to S3, when a
+bucket is configured, is delegated to publish.MaskPublisher.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import numpy as np
 import imaging
 import masks as rle
 import render
-from errors import Conflict, InvalidInput, LimitExceeded, NotFound, SegmentationRejected, StorageError
+from errors import Conflict, InvalidInput, LimitExceeded, NotFound, SegmentationRejected
 from limits import RateLimiter, minutes_text
-from s3_store import S3BlobStore, UploadReport
+from publish import MaskPublisher
+from s3_store import S3BlobStore
 from sam2_client import Progress, Segmenter
 from settings import Settings
 from storage import BlobStore, Database, ImageRow, MaskRow, check_image_id, new_image_id
@@ -115,12 +117,22 @@ class Studio:
         self.segmenter = segmenter
         self.db = db
         self.blobs = blobs
-        self.s3 = s3
-        self.s3_status: tuple[bool, str] = (True, "off")
         self._cache: OrderedDict[str, Loaded] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
         self.segment_limiter = RateLimiter(settings.segment_rate_limit)
+        # No bucket, no publisher: masks then have no URL and the S3 endpoints say S3 is not configured.
+        self.publisher = MaskPublisher(s3, db, settings, on_change=self._forget) if s3 is not None else None
+
+    @property
+    def s3(self) -> S3BlobStore | None:
+        """The bucket masks are published to, or None when S3 is not configured."""
+        return self.publisher.s3 if self.publisher is not None else None
+
+    @property
+    def s3_status(self) -> tuple[bool, str]:
+        """The start-up check's result for the status line: (True, "off") without a bucket."""
+        return self.publisher.status if self.publisher is not None else (True, "off")
 
     # ---- abuse limits ------------------------------------------------------------------------
     def allow_segmentation(self, owner: str, address: str | None = None) -> None:
@@ -233,14 +245,9 @@ class Studio:
         loaded = self._build(row, rgb, mask_rows)
         self._remember(loaded)
         s3 = None
-        if self.s3 is not None:
+        if self.publisher is not None:
             say(0.85, f"Uploading {len(mask_rows)} masks to S3")
-            report = self._upload_masks(loaded, mask_rows, _fraction(say, 0.85, 1.0))
-            s3 = report.counts()
-            if report.failed:  # one reason is enough for a person to act on
-                s3["error"] = next(iter(report.failed.values()))
-            if self.settings.s3_upload_originals:
-                self._upload_original(row, rgb)
+            s3 = self.publisher.publish_new(row.id, rgb, loaded.index, mask_rows, _fraction(say, 0.85, 1.0))
         say(1.0, "Done")
         return {
             "message": f"Stored {len(mask_rows)} masks for image {image_id}.",
@@ -276,6 +283,7 @@ class Studio:
             counts_str = counts if isinstance(counts, str) else rle.counts_to_string(runs)
             parsed.append((area, i, counts_str, rec))
         parsed.sort(key=lambda p: (-p[0], p[1]))
+        publisher = self.publisher
         rows = []
         for mask_id, (area, _, counts_str, rec) in enumerate(parsed[: self.settings.max_masks]):
             bbox = rec.get("bbox")
@@ -292,8 +300,8 @@ class Studio:
                     stability_score=_opt_float(rec.get("stability_score")),
                     point_coords=rec.get("point_coords"),
                     mask_url=None,
-                    s3_key=self.s3.new_mask_key() if self.s3 is not None else None,
-                    upload_state="pending" if self.s3 is not None else "none",
+                    s3_key=publisher.new_mask_key() if publisher is not None else None,
+                    upload_state="pending" if publisher is not None else "none",
                 )
             )
         return rows
@@ -373,9 +381,7 @@ class Studio:
 
     def mask_url(self, m: MaskRow) -> str | None:
         """The mask's S3 URL (presigned ones are issued fresh each time), or None until it is uploaded."""
-        if self.s3 is None or m.upload_state != "uploaded" or not m.s3_key:
-            return None
-        return self.s3.url_for(m.s3_key)
+        return self.publisher.mask_url(m) if self.publisher is not None else None
 
     def list_images(self, owner: str | None) -> list[dict]:
         return [r.summary() for r in self.db.list_images(owner, limit=MAX_LIST)]
@@ -484,15 +490,12 @@ class Studio:
         # The row goes first, in one transaction: a crash right after it leaves only an orphaned blob,
         # which cleanup_orphans removes at the next start. The other order could leave a listed image
         # whose pixels are gone.
-        s3_keys = self._s3_keys(row.id) if self.s3 is not None else []
+        s3_keys = self.publisher.keys_of(row.id) if self.publisher is not None else []
         self.db.delete_image(row.id)
         self._forget(row.id)
         self.blobs.delete(row.blob_key)
-        if s3_keys:
-            try:
-                self.s3.delete_many(s3_keys)
-            except StorageError as exc:
-                log.warning("S3: could not delete the objects of %s: %s", row.id, exc.message)
+        if self.publisher is not None:
+            self.publisher.delete_objects(row.id, s3_keys)
 
     def purge_expired(self, now: dt.datetime | None = None) -> int:
         """Delete images older than RETENTION_DAYS (with their blobs); returns how many."""
@@ -554,8 +557,8 @@ class Studio:
             raise SegmentationRejected("The segmenter found no object at those prompts.")
         m = self.db.add_mask(rows[0])
         self._forget(r.id)
-        if self.s3 is not None:
-            self._upload_masks(self.load(r.id, None), [m])
+        if self.publisher is not None:
+            self.publisher.upload_masks(r.id, self.load(r.id, None).index, [m])
             m = self.load(r.id, None).masks[m.mask_id]
         return {"image_id": r.id, "mask_id": m.mask_id, "mask_url": self.mask_url(m)}
 
@@ -580,110 +583,24 @@ class Studio:
             self._health = (time.monotonic(), result)
             self._health_running = False
 
-    # ---- S3 ------------------------------------------------------------------------------------
+    # ---- S3 (see publish.py) ------------------------------------------------------------------
     def check_s3(self) -> tuple[bool, str]:
         """Check the bucket once (at start-up): the sentence goes to the log and the status line."""
-        if self.s3 is None:
-            return self.s3_status
-        ok, sentence = self.s3.check()
-        self.s3_status = (ok, sentence)
-        (log.info if ok else log.warning)("S3: %s", sentence)
-        return self.s3_status
-
-    def _upload_masks(self, loaded: Loaded, rows: list[MaskRow], progress: Progress | None = None) -> UploadReport:
-        """Upload masks as PNGs (0/255, image size), concurrently; a failure leaves them pending."""
-        assert self.s3 is not None
-        total = len(rows)
-        items = ((m.s3_key, rle.to_png(loaded.index.mask(m.mask_id))) for m in rows)
-        on_progress = (
-            (lambda done, n: progress(done / max(1, n), f"Uploaded {done} of {total} masks to S3"))
-            if progress
-            else None
-        )
-        report = self.s3.upload_many(items, progress=on_progress, content_type="image/png")
-        failed = set(report.failed)
-        updates = [
-            (
-                m.mask_id,
-                None
-                if m.s3_key in failed
-                else self.s3.url_for(m.s3_key)
-                if self.settings.s3_url_mode == "public"
-                else None,
-                m.s3_key,
-                "pending" if m.s3_key in failed else "uploaded",
-            )
-            for m in rows
-        ]
-        self.db.set_mask_urls(loaded.row.id, updates)
-        if report.failed:
-            log.warning(
-                "S3: %d of %d mask uploads of %s failed; they stay pending and are retried later.",
-                report.n_failed,
-                total,
-                loaded.row.id,
-            )
-        self._forget(loaded.row.id)  # the cached rows' upload states changed
-        return report
-
-    def _upload_original(self, row: ImageRow, rgb: np.ndarray) -> None:
-        assert self.s3 is not None
-        key = self.s3.new_key(".png")
-        self.db.add_object(row.id, key, "original", "pending")
-        report = self.s3.upload_many([(key, imaging.encode_png(rgb))], content_type="image/png")
-        if report.ok:
-            self.db.set_object_state(key, "uploaded")
+        return self.publisher.check() if self.publisher is not None else self.s3_status
 
     def retry_uploads(self, owner: str | None = None) -> dict:
         """Upload every mask (and original) still pending: after a failure, at start-up and on request."""
-        if self.s3 is None:
+        if self.publisher is None:
             raise InvalidInput("S3 is not configured (set S3_BUCKET_NAME_STAGING): there is nothing to upload.")
-        pending = self.db.pending_uploads(owner)
-        by_image: dict[str, list[MaskRow]] = {}
-        for m in pending:
-            by_image.setdefault(m.image_id, []).append(m)
-        uploaded = failed = 0
-        for image_id, rows in by_image.items():
-            try:
-                loaded = self.load(image_id, None)
-            except NotFound:
-                continue  # deleted meanwhile
-            report = self._upload_masks(loaded, rows)
-            uploaded += report.n_uploaded
-            failed += report.n_failed
-        if owner is None:
-            for key, image_id, _kind in self.db.pending_objects():
-                try:
-                    rgb = self.load(image_id, None).rgb
-                except NotFound:
-                    continue
-                if self.s3.upload_many([(key, imaging.encode_png(rgb))], content_type="image/png").ok:
-                    self.db.set_object_state(key, "uploaded")
-                    uploaded += 1
-                else:
-                    failed += 1
-        message = (
-            f"Uploaded {uploaded} pending object(s) to S3."
-            if not failed
-            else f"Uploaded {uploaded} pending object(s); {failed} still failed and stay pending."
-        )
-        return {"message": message, "uploaded": uploaded, "failed": failed}
+        return self.publisher.retry(owner, lambda image_id: self.load(image_id, None))
 
     def share_render(self, image_id: object, instructions: object, background: object, owner: str | None) -> dict:
         """Upload a rendered composite to S3 and return its URL."""
-        if self.s3 is None:
+        if self.publisher is None:
             raise InvalidInput("Sharing needs S3: set S3_BUCKET_NAME_STAGING (and credentials) first.")
         arr = self.render(image_id, instructions, background, owner)
         row = self.load(image_id, owner).row
-        key = self.s3.new_key(".png")
-        self.db.add_object(row.id, key, "render", "pending")
-        self.s3.put(key, imaging.encode_png(arr), "image/png")
-        self.db.set_object_state(key, "uploaded")
-        return {"image_id": row.id, "url": self.s3.url_for(key), "key": key}
-
-    def _s3_keys(self, image_id: str) -> list[str]:
-        keys = [m.s3_key for m in self.db.masks(image_id) if m.s3_key]
-        return keys + [key for key, _, _ in self.db.objects(image_id)]
+        return self.publisher.share(row.id, arr)
 
     def cleanup_orphans(self) -> int:
         """Remove blobs no image refers to (left by a crash between blob write and commit)."""
