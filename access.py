@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from errors import Unauthorized
+from errors import StorageError, Unauthorized
 from settings import Settings
 
 LOCAL_OWNER = "local"
@@ -44,6 +46,38 @@ def bearer_key(headers: Mapping[str, str]) -> str | None:
         return value.strip()
     key = headers.get("x-api-key") or headers.get("X-API-Key")
     return key.strip() if key and key.strip() else None
+
+
+def is_browser_key(value: object) -> bool:
+    """Whether a value from a browser's local storage is a key this app made (random, URL-safe)."""
+    return isinstance(value, str) and bool(_BROWSER_KEY.fullmatch(value))
+
+
+def browser_secret(data_dir: Path) -> str:
+    """The secret the browser's stored key is obfuscated with, kept in DATA_DIR so it survives restarts.
+
+    Gradio sends it to the page: it is not a security boundary (the random key itself is), but a new
+    secret at every start would make every browser's stored key unreadable, and its library lost.
+    """
+    path = Path(data_dir) / "browser-state-secret"
+    try:
+        secret = path.read_text().strip()
+        if secret:
+            return secret
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StorageError(f"Could not read {path} ({exc.strerror}).") from exc
+    secret = secrets.token_urlsafe(24)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x") as f:  # "x": two processes starting at once cannot overwrite each other
+            f.write(secret)
+    except FileExistsError:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise StorageError(f"Could not write {path} ({exc.strerror}).") from exc
+    return secret
 
 
 class Access:
@@ -84,6 +118,6 @@ class Access:
             return Caller(f"hf:{hf_username}")
         if self.open:
             return Caller(LOCAL_OWNER)
-        if not browser_key or not _BROWSER_KEY.fullmatch(browser_key):
+        if not is_browser_key(browser_key):
             raise Unauthorized("This page lost its session key: reload the page.")
         return Caller("anon:" + hashlib.sha256(browser_key.encode()).hexdigest()[:24])

@@ -4,14 +4,17 @@ Run it with `python app.py` (settings from the environment and `.env`; see READM
 Every function is also a public, named API endpoint for gradio_client (README "API").
 """
 
+import contextlib
 import functools
 import json
 import logging
+import math
 import secrets
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +25,8 @@ from gradio.data_classes import FileData
 import imaging
 import masks as rle
 import render
-from access import LOCAL_OWNER, Access, Caller
-from errors import InvalidInput, MaskStudioError
+from access import Access, Caller, browser_secret, is_browser_key
+from errors import InvalidInput, MaskStudioError, Unauthorized
 from sam2_client import make_segmenter
 from limits import run_periodically
 from settings import Settings
@@ -43,6 +46,7 @@ CSS = """
 #composite img { max-height: min(600px, 75vh); width: auto; max-width: 100%; }
 #gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)); }
 """
+STATUS_REFRESH_S = 20  # how often an open page refreshes its status line
 RETENTION_SWEEP_S = 3600  # how often expired images are looked for, after the sweep at start-up
 
 
@@ -160,6 +164,35 @@ class LeaveWatch:
         return self.seen and not alive
 
 
+@contextlib.contextmanager
+def cancel_on_leave(demo: gr.Blocks, request: gr.Request | None) -> Iterator[threading.Event]:
+    """An event that is set if the person behind the request goes away (tab closed, job cancelled)
+    while the block runs, so a (possibly paid) segmentation can stop; watched every half second."""
+    cancel, done, watch = threading.Event(), threading.Event(), LeaveWatch(demo, request)
+
+    def watch_loop() -> None:
+        while not done.wait(0.5):
+            if watch.gone():
+                cancel.set()
+                return
+
+    if watch.session is not None:
+        threading.Thread(target=watch_loop, daemon=True, name="leave-watch").start()
+    try:
+        yield cancel
+    finally:
+        done.set()
+
+
+def same_spot(last: list[int] | None, now: list[int], size: tuple[int, int], display_width: int) -> bool:
+    """Whether a click lands where the last one did, give or take a few screen pixels (a finger is not
+    a mouse): within 1 % of the picture's width, and at least one display pixel."""
+    if not last:
+        return False
+    tolerance = max(1.0, 0.01 * size[0], size[0] / max(1, display_width))
+    return math.dist(last, now) <= tolerance
+
+
 def hex_to_rgba(color: str | None, opacity: float | None) -> list[int]:
     """Colour picker value (#rrggbb, or rgb()/rgba() text) plus an opacity slider → [r, g, b, a]."""
     r, g, b, _ = render.parse_color(color or DEFAULT_COLOR, 0)  # type: ignore[misc]
@@ -168,7 +201,8 @@ def hex_to_rgba(color: str | None, opacity: float | None) -> list[int]:
 
 
 # ---- the UI's per-session state (ids and small lists only, never arrays) ----------------------
-def new_session(image_id: str | None = None, owner: str = LOCAL_OWNER) -> dict:
+def new_session(image_id: str | None = None, owner: str | None = None) -> dict:
+    """A page's state; `owner` stays None until the page has loaded and said who is using it."""
     return {
         "image_id": image_id,
         "owner": owner,
@@ -179,6 +213,14 @@ def new_session(image_id: str | None = None, owner: str = LOCAL_OWNER) -> dict:
         "candidates": [],
         "order": [],
     }
+
+
+def owner_of(sess: dict) -> str:
+    """The page's owner; never None (None would mean "everyone's images" to the studio)."""
+    owner = sess.get("owner")
+    if not owner:
+        raise Unauthorized("This page has not finished loading (or lost its session): reload the page.")
+    return owner
 
 
 def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = None) -> gr.Blocks:
@@ -192,11 +234,11 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
     def display_path(sess: dict, background: str) -> str | None:
         if not sess.get("image_id"):
             return None
-        arr = studio.render(sess["image_id"], _instructions(sess), background, sess["owner"], display=True)
+        arr = studio.render(sess["image_id"], _instructions(sess), background, owner_of(sess), display=True)
         if arr.shape[2] == 4:
             arr = render.on_checkerboard(arr)
         if sess.get("points"):
-            loaded = studio.load(sess["image_id"], sess["owner"])
+            loaded = studio.load(sess["image_id"], owner_of(sess))
             preview = rle.decode(sess["preview"]["segmentation"]) if sess.get("preview") else None
             arr = render.prompt_overlay(arr, preview, sess["points"], (loaded.row.height, loaded.row.width))
         return outputs.write("composite.jpg", imaging.encode_jpeg(arr))
@@ -224,7 +266,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         sel = sess.get("selected")
         if sel is None:
             return "Click the picture (or a thumbnail) to select a mask."
-        loaded = studio.load(sess["image_id"], sess["owner"])
+        loaded = studio.load(sess["image_id"], owner_of(sess))
         m = loaded.masks[sel]
         pct = 100 * m.area / (loaded.row.width * loaded.row.height)
         cands = sess.get("candidates") or []
@@ -265,7 +307,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         # The picture and the gallery are shown only when there is something in them.
         out = (sess, gr.update(value=image, visible=image is not None), selection_text(sess), painted_table(sess))
         if gallery:
-            items, order = gallery_items(sess["image_id"], sess["owner"]) if sess.get("image_id") else ([], [])
+            items, order = gallery_items(sess["image_id"], owner_of(sess)) if sess.get("image_id") else ([], [])
             sess["order"] = order
             out = out + (gr.update(value=items, visible=bool(items)),)
         return out
@@ -293,12 +335,12 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         summary = studio.generate_and_store(
             data,
             image_id=(custom_id or "").strip() or None,
-            owner=sess["owner"],
+            owner=owner_of(sess),
             progress=report,
             address=client_address(request),
             cancel=cancel,
         )
-        sess = new_session(summary["image_id"], sess["owner"])
+        sess = new_session(summary["image_id"], owner_of(sess))
         gr.Info(f"{summary['mask_count']} masks from the {summary['engine']}.")
         if summary["s3"] and summary["s3"]["failed"]:
             gr.Warning(
@@ -307,30 +349,38 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
                 "later (at the next start, or with /retry_uploads)."
             )
         # Empty the upload box and the id: ready for the next photo without first clearing them.
-        return view(sess, background, gallery=True) + (library_choices(sess["owner"]), status_text(), None, "")
+        return view(sess, background, gallery=True) + (library_choices(owner_of(sess)), status_text(), None, "")
 
     @user_errors
     def on_open(image_id, sess, background):
         if not image_id:
             raise InvalidInput("Choose an image in the library first.")
-        studio.load(image_id, sess["owner"])
-        return view(new_session(image_id, sess["owner"]), background, gallery=True)
+        studio.load(image_id, owner_of(sess))
+        return view(new_session(image_id, owner_of(sess)), background, gallery=True)
+
+    @user_errors
+    def on_ask_delete(image_id, sess):
+        if not image_id:
+            raise InvalidInput("Choose an image in the library first.")
+        row = studio.db.get_image(image_id, owner_of(sess))
+        text = f"Delete **{row.id}** and its {row.mask_count} masks? This cannot be undone."
+        return gr.update(visible=True), text
 
     @user_errors
     def on_delete(image_id, sess, background):
         if not image_id:
             raise InvalidInput("Choose an image in the library first.")
-        result = studio.delete(image_id, sess["owner"])
+        result = studio.delete(image_id, owner_of(sess))
         gr.Info(result["message"])
         if sess.get("image_id") == image_id:
-            sess = new_session(None, sess["owner"])
-        return view(sess, background, gallery=True) + (library_choices(sess["owner"]),)
+            sess = new_session(None, owner_of(sess))
+        return view(sess, background, gallery=True) + (library_choices(owner_of(sess)),)
 
     @user_errors
-    def on_click(sess, color, opacity, background, mode, evt: gr.SelectData):
+    def on_click(sess, color, opacity, background, mode, evt: gr.SelectData, request: gr.Request):
         if not sess.get("image_id"):
             raise InvalidInput("Upload a photo first.")
-        loaded = studio.load(sess["image_id"], sess["owner"])
+        loaded = studio.load(sess["image_id"], owner_of(sess))
         dh, dw = loaded.display_rgb.shape[:2]
         dx, dy = evt.index
         x = min(loaded.row.width - 1, int((dx + 0.5) * loaded.row.width / dw))
@@ -340,19 +390,27 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             points = (sess.get("points") or []) + [[x, y, 0 if mode == MODE_EXCLUDE else 1]]
             if not any(p[2] == 1 for p in points):
                 raise InvalidInput("Start an object with an include point.")
-            sess["preview"] = studio.preview_object(
-                sess["image_id"], [p[:2] for p in points], [p[2] for p in points], sess["owner"]
-            )
+            with cancel_on_leave(demo, request) as cancel:
+                sess["preview"] = studio.preview_object(
+                    sess["image_id"],
+                    [p[:2] for p in points],
+                    [p[2] for p in points],
+                    owner_of(sess),
+                    address=client_address(request),
+                    cancel=cancel,
+                )
             sess["points"] = points
             return view(sess, background)
-        found = studio.mask_at_point(sess["image_id"], x, y, sess["owner"])
+        found = studio.mask_at_point(sess["image_id"], x, y, owner_of(sess))
         if found["mask_id"] is None:
             sess["click"], sess["candidates"] = [x, y], []
             gr.Info(f"No mask covers pixel ({x}, {y}).")
             return view(sess, background)
         cands = found["candidates"]
         replace = None
-        if sess.get("click") == [x, y] and sess.get("selected") in cands:
+        if same_spot(sess.get("click"), [x, y], (loaded.row.width, loaded.row.height), dw) and (
+            sess.get("candidates") == cands and sess.get("selected") in cands
+        ):
             # Same pixel again: step from this part to the next larger mask (part → whole).
             pos = cands.index(sess["selected"])
             target = cands[(pos + 1) % len(cands)]
@@ -368,7 +426,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         """Store the previewed object as a new mask of this image, selected and painted."""
         if not sess.get("preview"):
             raise InvalidInput("Choose 'Add object: include' above the picture and click the object first.")
-        loaded = studio.load(sess["image_id"], sess["owner"])
+        loaded = studio.load(sess["image_id"], owner_of(sess))
         added = studio.add_object_mask(loaded, sess["preview"])
         sess["points"], sess["preview"] = [], None
         sess["click"], sess["candidates"] = None, []
@@ -418,6 +476,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
     def on_undo(sess, background):
         if sess["history"]:
             sess["steps"] = sess["history"].pop()
+            if not any(s[0] == sess.get("selected") for s in sess["steps"]):
+                sess["selected"] = None  # a colour change must not repaint the mask just taken back
         else:
             gr.Info("Nothing to undo.")
         return view(sess, background)
@@ -429,6 +489,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             raise InvalidInput("Select a painted mask first (click it), then remove it.")
         sess["history"] = (sess["history"] + [list(map(list, sess["steps"]))])[-50:]
         sess["steps"] = [s for s in sess["steps"] if s[0] != sel]
+        sess["selected"] = None  # removed means unselected: the next colour change must not bring it back
         return view(sess, background)
 
     @user_errors
@@ -442,7 +503,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
     def on_download_png(sess, background):
         if not sess.get("image_id"):
             raise InvalidInput("Upload a photo first.")
-        arr = studio.render(sess["image_id"], _instructions(sess), background, sess["owner"])
+        arr = studio.render(sess["image_id"], _instructions(sess), background, owner_of(sess))
         return outputs.write(f"{sess['image_id']}-composite.png", imaging.encode_png(arr))
 
     @user_errors
@@ -455,7 +516,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         coco = studio.export_coco(
             sess["image_id"],
             painted if which == "painted" else None,
-            sess["owner"],
+            owner_of(sess),
             colors={mid: c for mid, c in sess["steps"]},
         )
         name = f"{sess['image_id']}-coco-{which}.json"
@@ -531,15 +592,17 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         data = _upload_bytes(image)
         if data is None and not image_id:
             raise InvalidInput("Send an image file (`image`), or the `image_id` of a stored image.")
-        return studio.segment_object(
-            data=data,
-            image_id=image_id,
-            points=points,
-            point_labels=point_labels,
-            box=box,
-            owner=caller.owner if data is not None else caller.scope,
-            address=client_address(request),
-        )
+        with cancel_on_leave(demo, request) as cancel:
+            return studio.segment_object(
+                data=data,
+                image_id=image_id,
+                points=points,
+                point_labels=point_labels,
+                box=box,
+                owner=caller.owner if data is not None else caller.scope,
+                address=client_address(request),
+                cancel=cancel,
+            )
 
     def retry_uploads(request: gr.Request = None) -> dict:
         """Upload to S3 every mask whose upload failed earlier. Returns {"message", "uploaded", "failed"}."""
@@ -568,7 +631,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
     # ---- layout ------------------------------------------------------------------------------
     with gr.Blocks(title="Mask Studio", delete_cache=(3600, 3600)) as demo:
         sess = gr.State(new_session())
-        browser_key = gr.BrowserState(None, storage_key="mask-studio-owner")
+        # The same secret after a restart, or every browser would lose its library (the key is unreadable).
+        browser_key = gr.BrowserState(None, storage_key="mask-studio-owner", secret=browser_secret(settings.data_dir))
         gr.Markdown("# Mask Studio\nUpload a photo, click the picture to pick a mask, colour it.", elem_id="title")
         if settings.hf_login and oauth_available():
             gr.LoginButton(elem_id="login")  # signed in, your library follows your HF account
@@ -644,6 +708,11 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
                 library = gr.Dropdown(label="Stored images", choices=[], elem_id="library", scale=3)
                 open_btn = gr.Button("Open", elem_id="open", size="sm", scale=1)
                 delete_btn = gr.Button("Delete", elem_id="delete", size="sm", variant="stop", scale=1)
+            # Deleting cannot be undone: it asks first, naming the image.
+            with gr.Row(visible=False, elem_id="confirm_delete_row") as confirm_row:
+                confirm_text = gr.Markdown(elem_id="confirm_delete_text")
+                confirm_delete = gr.Button("Yes, delete it", elem_id="confirm_delete", size="sm", variant="stop")
+                cancel_delete = gr.Button("Keep it", elem_id="cancel_delete", size="sm")
 
         shown = [sess, composite, selection, painted]
         private = {"api_visibility": "private"}
@@ -677,6 +746,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
                 sess["points"], sess["preview"] = [], None
             return view(sess, background) + (gr.update(visible=mode_value != MODE_SELECT),)
 
+        # The engine's and the bucket's health as last checked (in the background, never blocking the page).
+        gr.Timer(STATUS_REFRESH_S).tick(status_text, None, status, **quick)
         mode.change(on_mode, [sess, mode, background], shown + [object_buttons], **quick)
         gallery.select(on_gallery, [sess, color, opacity, background], shown, **quick)
         color.change(on_color, [sess, color, opacity, background], shown, **quick)
@@ -689,13 +760,18 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         dl_coco_painted.click(functools.partial(on_download_coco, which="painted"), [sess], downloads, **private)
         dl_coco_all.click(functools.partial(on_download_coco, which="all"), [sess], downloads, **private)
         open_btn.click(on_open, [library, sess, background], shown + [gallery], **private)
-        delete_btn.click(on_delete, [library, sess, background], shown + [gallery, library], **private)
+        hide = {"fn": lambda: gr.update(visible=False), "inputs": None, "outputs": confirm_row, **private}
+        delete_btn.click(on_ask_delete, [library, sess], [confirm_row, confirm_text], **private)
+        confirm_delete.click(on_delete, [library, sess, background], shown + [gallery, library], **private).then(**hide)
+        cancel_delete.click(**hide)
+        library.change(**hide)
 
         @user_errors
         def on_load(browser_key, sess, profile: gr.OAuthProfile | None = None):
             # Each browser keeps a random key of its own: its anonymous owner when AUTH_MODE=keys.
             # Signed in with Hugging Face (HF_LOGIN / on a Space), the owner is "hf:<username>".
-            browser_key = browser_key or secrets.token_urlsafe(24)
+            if not is_browser_key(browser_key):  # none yet, or not one we made: start a new library
+                browser_key = secrets.token_urlsafe(24)
             username = profile.username if profile is not None else None
             sess = new_session(None, access.browser_caller(browser_key, username).owner)
             return browser_key, sess, library_choices(sess["owner"]), status_text()
@@ -719,13 +795,21 @@ def _instructions(sess: dict) -> list[dict]:
 
 def create_studio(settings: Settings) -> Studio:
     """The real dependencies, as configured."""
+    try:
+        s3 = S3BlobStore.from_settings(settings)
+        s3_error = None
+    except MaskStudioError as exc:  # e.g. a malformed S3_ENDPOINT_URL: say so, and start without S3
+        s3, s3_error = None, f"not used: {exc.message}"
+        log.warning("S3: %s", s3_error)
     studio = Studio(
         settings,
         make_segmenter(settings),
         Database(settings.db_path),
         LocalBlobStore(settings.blob_dir),
-        S3BlobStore.from_settings(settings),
+        s3,
+        s3_error=s3_error,
     )
+    studio.health()  # the first check starts now, in the background, not when the first page asks
     studio.purge_expired()
     studio.cleanup_orphans()
     if studio.s3 is not None and studio.check_s3()[0]:

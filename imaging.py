@@ -19,7 +19,9 @@ from errors import InvalidInput, LimitExceeded
 MIN_SIDE = 8
 READABLE = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 
-# Our own limit (MAX_IMAGE_PIXELS) is checked before decoding; PIL's global guard stays as a backstop.
+# PIL's own guard (warn above 89 MP, refuse above 179 MP, before reading the size) is replaced by ours:
+# MAX_IMAGE_PIXELS, checked on the header's size before any pixel is decoded, with a message that names
+# the size and the limit. Setting it here applies to every image this process opens, which is the point.
 Image.MAX_IMAGE_PIXELS = None
 
 

@@ -85,8 +85,12 @@ class Segmenter(Protocol):
         points: list[list[float]] | None = None,
         point_labels: list[int] | None = None,
         box: list[float] | None = None,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict:
-        """One object's mask from point prompts (label 1 include, 0 exclude) and/or a box [x0, y0, x1, y1]."""
+        """One object's mask from point prompts (label 1 include, 0 exclude) and/or a box [x0, y0, x1, y1].
+
+        When `cancel` is set (the person left), stop as soon as possible with SegmentationCancelled."""
 
     def health(self) -> tuple[bool, str]:
         """(ok, a short sentence for the status line); must not block for long."""

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from errors import InvalidInput
 
@@ -27,7 +28,7 @@ class Settings:
     max_upload_mb: int = 50
     max_masks: int = 128
     # External SAM2 service (unset: the built-in segmenter runs)
-    sam_api_url: str | None = None
+    sam_api_url: str | None = field(default=None, repr=False)  # may hold user:password@
     sam_api_token: str | None = field(default=None, repr=False)
     sam_api_timeout: float = 150.0
     sam_api_segment_path: str = "/segment"
@@ -69,7 +70,7 @@ class Settings:
 
     @property
     def engine_name(self) -> str:
-        return f"SAM2 service at {self.sam_api_url}" if self.sam_api_url else ENGINE_BUILTIN
+        return f"SAM2 service at {public_url(self.sam_api_url)}" if self.sam_api_url else ENGINE_BUILTIN
 
     def with_(self, **changes) -> Settings:
         return replace(self, **changes)
@@ -84,6 +85,19 @@ class Settings:
             values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
         values.update(os.environ if env is None else env)
         return cls(**_parse(values))
+
+
+def public_url(url: str) -> str:
+    """A URL as it may be shown to people and logs: without user:password@ and without a query string."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    try:
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError:
+        pass
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _get(env: Mapping[str, str], *names: str) -> str | None:
@@ -173,7 +187,8 @@ def _parse(env: Mapping[str, str]) -> dict:
         "segment_rate_limit": _number(env, int, ("SEGMENT_RATE_LIMIT",), 0),
         "max_images_per_owner": _number(env, int, ("MAX_IMAGES_PER_OWNER",), 0),
         "retention_days": _number(env, float, ("RETENTION_DAYS",), 0),
-        "hf_login": _bool(_get(env, "HF_LOGIN")) or (True if _get(env, "SPACE_ID") else None),
+        # HF_LOGIN as set wins (false turns the button off on a Space too); unset: on by itself on a Space.
+        "hf_login": _bool(_get(env, "HF_LOGIN")) if _get(env, "HF_LOGIN") else bool(_get(env, "SPACE_ID")) or None,
     }
     known = {f.name for f in fields(Settings)}
     assert set(out) <= known

@@ -313,10 +313,10 @@ class Database:
     def list_images(self, owner: str | None = None, limit: int = 1000) -> list[ImageRow]:
         """Newest first; owner None lists everyone's."""
         if owner is None:
-            rows = self._q(f"SELECT {_IMAGE_COLS} FROM images ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
+            rows = self._q(f"SELECT {_IMAGE_COLS} FROM images ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,))
         else:
             rows = self._q(
-                f"SELECT {_IMAGE_COLS} FROM images WHERE owner = ? ORDER BY created_at DESC, id DESC LIMIT ?",
+                f"SELECT {_IMAGE_COLS} FROM images WHERE owner = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
                 (owner, limit),
             )
         return [ImageRow(*r) for r in rows]

@@ -112,8 +112,11 @@ class Studio:
         db: Database,
         blobs: BlobStore,
         s3: S3BlobStore | None = None,
+        *,
+        s3_error: str | None = None,
     ):
         self.settings = settings
+        self.s3_error = s3_error  # S3 was configured but could not be set up (shown in the status line)
         self.segmenter = segmenter
         self.db = db
         self.blobs = blobs
@@ -132,7 +135,9 @@ class Studio:
     @property
     def s3_status(self) -> tuple[bool, str]:
         """The start-up check's result for the status line: (True, "off") without a bucket."""
-        return self.publisher.status if self.publisher is not None else (True, "off")
+        if self.publisher is not None:
+            return self.publisher.status
+        return (False, self.s3_error) if self.s3_error else (True, "off")
 
     # ---- abuse limits ------------------------------------------------------------------------
     def allow_segmentation(self, owner: str, address: str | None = None) -> None:
@@ -522,13 +527,17 @@ class Studio:
         box: object = None,
         owner: str = "local",
         address: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict:
         """One object's mask from points/box, stored with a new image (data) or a stored one (image_id)."""
         if data is not None:
 
             def prompted(rgb: np.ndarray) -> list[dict]:
                 pts, labels, bx = check_prompt(points, point_labels, box, rgb.shape[1], rgb.shape[0])
-                return [self.segmenter.segment(rgb, points=pts, point_labels=labels, box=bx)]
+                record = self.segmenter.segment(rgb, points=pts, point_labels=labels, box=bx, cancel=cancel)
+                if not self._mask_rows("check", [record], rgb.shape[:2]):  # before anything is stored
+                    raise SegmentationRejected("The segmenter found no object at those prompts.")
+                return [record]
 
             out = self._ingest(data, image_id, owner, address, prompted, lambda f, t: None)
             loaded = self.load(out["image_id"], owner)
@@ -539,15 +548,25 @@ class Studio:
         loaded = self.load(image_id, owner)
         pts, labels, bx = check_prompt(points, point_labels, box, loaded.row.width, loaded.row.height)
         self.allow_segmentation(owner, address)
-        record = self.segmenter.segment(loaded.rgb, points=pts, point_labels=labels, box=bx)
+        record = self.segmenter.segment(loaded.rgb, points=pts, point_labels=labels, box=bx, cancel=cancel)
         return self.add_object_mask(loaded, record)
 
-    def preview_object(self, image_id: str, points: object, point_labels: object, owner: str | None) -> dict:
+    def preview_object(
+        self,
+        image_id: str,
+        points: object,
+        point_labels: object,
+        owner: str | None,
+        *,
+        address: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> dict:
         """The object mask for prompts without storing it (the UI's live preview); a SAM2 record."""
         loaded = self.load(image_id, owner)
         pts, labels, _ = check_prompt(points, point_labels, None, loaded.row.width, loaded.row.height)
-        self.allow_segmentation(owner or "admin")  # each preview may be a paid call to a SAM2 service
-        return self.segmenter.segment(loaded.rgb, points=pts, point_labels=labels, box=None)
+        # Each preview may be a paid call to a SAM2 service: counted per owner and per address.
+        self.allow_segmentation(owner or "admin", address)
+        return self.segmenter.segment(loaded.rgb, points=pts, point_labels=labels, box=None, cancel=cancel)
 
     def add_object_mask(self, loaded: Loaded, record: dict) -> dict:
         """Store one more mask (from a prompt) with an image; S3 upload when configured."""

@@ -73,7 +73,7 @@ class RecordsSegmenter:
         h, w = image.shape[:2]
         return [record(m) for m in self.masks_for_shape(h, w)]
 
-    def segment(self, image, *, points=None, point_labels=None, box=None):
+    def segment(self, image, *, points=None, point_labels=None, box=None, progress=None, cancel=None):
         """The smallest of its masks holding every include point and no exclude point."""
         h, w = image.shape[:2]
         labels = point_labels or [1] * len(points or [])

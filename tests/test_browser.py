@@ -420,7 +420,13 @@ def test_7_reload_reopen_then_delete(page, app, photo):
     page.shots.take(page, "reopened")
 
     page.locator("#delete").click()
+    page.wait_for_selector("#confirm_delete_row", state="visible")
+    assert "reopen-me" in page.locator("#confirm_delete_text").inner_text()
+    assert page.locator("#composite img").count() == 1  # nothing is deleted before the person confirms
+    page.shots.take(page, "asked-to-confirm")
+    page.locator("#confirm_delete").click()
     page.wait_for_selector("#composite img", state="detached")
+    page.wait_for_selector("#confirm_delete_row", state="hidden")
     page.locator("#library input").click()
     options = page.locator("[role=option], ul.options li")
     assert not any("reopen-me" in t for t in options.all_inner_texts())
