@@ -20,7 +20,8 @@ def running_app(data_dir: Path, segmenter=None, **overrides):
     """Yield (url, studio, settings) for the app launched exactly as app.main does, then close it."""
     import app
 
-    settings = Settings(host="127.0.0.1", port=free_port(), data_dir=Path(data_dir), **overrides)
+    overrides.setdefault("port", free_port())
+    settings = Settings(host="127.0.0.1", data_dir=Path(data_dir), **overrides)
     studio = app.create_studio(settings)
     if segmenter is not None:
         studio.segmenter = segmenter

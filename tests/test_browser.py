@@ -129,8 +129,9 @@ def upload(page, path: Path, image_id: str | None = None) -> None:
     updating(page, lambda: page.locator("#upload input[type=file]").set_input_files(str(path)))
 
 
-def click_pixel(page, tx: int, ty: int) -> None:
-    """Click (or tap, on a touch screen) image pixel (tx, ty) of the displayed composite."""
+def click_pixel(page, tx: int, ty: int, *, changes: bool = True) -> None:
+    """Click (or tap, on a touch screen) image pixel (tx, ty) of the displayed composite (and, unless
+    `changes` is False, wait for the new picture)."""
     img = page.locator("#composite img")
     img.scroll_into_view_if_needed()
     box = img.bounding_box()
@@ -139,7 +140,8 @@ def click_pixel(page, tx: int, ty: int) -> None:
     x = box["x"] + (box["width"] - nw * r) / 2 + (tx + 0.5) * r
     y = box["y"] + (box["height"] - nh * r) / 2 + (ty + 0.5) * r
     touch = page.evaluate("navigator.maxTouchPoints > 0")  # a phone context: tap as a finger does
-    updating(page, lambda: page.touchscreen.tap(x, y) if touch else page.mouse.click(x, y))
+    act = lambda: page.touchscreen.tap(x, y) if touch else page.mouse.click(x, y)  # noqa: E731
+    updating(page, act) if changes else act()
 
 
 def shown_pixel(page, x: int, y: int) -> np.ndarray:
@@ -291,6 +293,16 @@ def test_2_click_selects_then_steps_to_larger(browser, app, photo, pixels, viewp
     assert_close(shown_pixel(page, *HOUSE_PX), blend(DEFAULT_RGBA, pixels[HOUSE_PX[1], HOUSE_PX[0]]))
     assert painted_ids(page) == [ids["house"]]  # the window's paint was taken back
     page.shots.take(page, "house-selected")
+
+    # A finger does not land on the same pixel twice: a tap a few pixels off still steps up (house → lower half).
+    click_pixel(page, WINDOW_PX[0] + 3, WINDOW_PX[1] + 2)
+    assert f"Selected mask {ids['lower']}" in selection(page)
+    assert painted_ids(page) == [ids["lower"]]
+
+    # Where no mask is, the page says so.
+    click_pixel(page, *SKY_PX, changes=False)  # the picture stays as it is
+    page.wait_for_function("() => document.body.innerText.includes('No mask covers pixel')")
+    page.shots.take(page, "no-mask-here")
     context.close()
 
 
@@ -326,6 +338,7 @@ def test_4_gallery_select_undo_remove_clear(page, app, photo, pixels):
     updating(page, lambda: page.locator("#remove").click())
     assert painted_ids(page) == [ids["sun"]]
     assert_close(shown_pixel(page, *window), pixels[window[1], window[0]])
+    assert "Click the picture" in selection(page)  # removed means unselected: a colour change won't repaint it
     page.shots.take(page, "window-removed")
 
     updating(page, lambda: page.locator("#undo").click())

@@ -1,6 +1,6 @@
 """Two anonymous browsers under AUTH_MODE=keys: each keeps its own library (a key in its local storage)."""
 
-from app_server import running_app
+from app_server import free_port, running_app
 from chromium import launch, require_browser
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
 
@@ -41,3 +41,26 @@ def test_two_anonymous_browsers_do_not_see_each_others_images(tmp_path):
             a.reload()  # the same browser, later: its key is in local storage, its library is back
             assert library_after_load(a).startswith("from-browser-one")
             browser.close()
+
+
+def test_a_browser_keeps_its_library_across_a_server_restart(tmp_path):
+    sync_api = require_browser()
+    photo = tmp_path / "house.png"
+    photo.write_bytes(encode(make_photo(48, 64)))
+    port = free_port()
+    with sync_api.sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_context().new_page()
+        with running_app(tmp_path / "data", RecordsSegmenter(house_masks), auth_mode="keys", port=port) as (url, *_):
+            page.goto(url)
+            assert library_after_load(page) == ""
+            page.locator("#custom_id input").fill("before-restart")
+            page.locator("#upload input[type=file]").set_input_files(str(photo))
+            page.wait_for_function(
+                "document.querySelector('#selection').innerText.includes('Click the picture')", timeout=30_000
+            )
+        # The same data folder and address after a restart: the browser's stored key still opens its library.
+        with running_app(tmp_path / "data", RecordsSegmenter(house_masks), auth_mode="keys", port=port) as (url, *_):
+            page.goto(url)
+            assert library_after_load(page).startswith("before-restart")
+        browser.close()

@@ -70,3 +70,22 @@ def test_bad_values_say_what_to_fix(env, message):
     with pytest.raises(InvalidInput) as info:
         Settings.from_env(env, dotenv_path=None)
     assert message in info.value.message
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"SPACE_ID": "me/app"}, True),
+        ({"SPACE_ID": "me/app", "HF_LOGIN": "false"}, False),  # a Space may turn the button off
+        ({"HF_LOGIN": "true"}, True),
+    ],
+)
+def test_hf_login_as_set_wins_over_the_space_default(env, expected):
+    assert Settings.from_env(env, dotenv_path=None).hf_login is expected
+
+
+def test_credentials_in_the_service_url_are_never_shown():
+    s = Settings.from_env({"SAM_API_URL": "https://user:s3cret@sam.example:8443/v1?api_key=k3y"}, dotenv_path=None)
+    assert s.engine_name == "SAM2 service at https://sam.example:8443/v1"
+    assert "s3cret" not in repr(s) and "k3y" not in repr(s)

@@ -5,7 +5,7 @@ import pytest
 from pycocotools import mask as coco
 
 import imaging
-from errors import Conflict, InvalidInput, NotFound, SegmentationRejected
+from errors import Conflict, InvalidInput, LimitExceeded, NotFound, SegmentationRejected
 from helpers import RecordsSegmenter, encode, house_masks, make_photo, record
 from settings import Settings
 from storage import Database, LocalBlobStore
@@ -189,3 +189,27 @@ def test_records_with_integer_counts_are_accepted(tmp_path, photo):
     studio = make_studio(tmp_path, Uncompressed(uncompressed))
     studio.generate_and_store(encode(photo), image_id="u")
     np.testing.assert_array_equal(studio.load("u", "local").index.mask(0), house_masks(H, W)[0])
+
+
+class EmptyObjectSegmenter(RecordsSegmenter):
+    """Answers every prompt with an empty mask (a service that found nothing there)."""
+
+    def segment(self, image, *, points=None, point_labels=None, box=None, progress=None, cancel=None):
+        return record(np.zeros(image.shape[:2], bool))
+
+
+def test_segment_on_a_new_image_that_finds_nothing_stores_nothing(tmp_path, photo):
+    studio = make_studio(tmp_path, EmptyObjectSegmenter(house_masks))
+    with pytest.raises(SegmentationRejected, match="found no object"):
+        studio.segment_object(data=encode(photo), image_id="nothing-here", points=[[5, 5]])
+    assert studio.list_images("local") == [] and not studio.db.image_exists("nothing-here")
+    assert [k for k in studio.blobs.keys()] == []
+
+
+def test_previews_count_per_client_address_too(tmp_path, photo):
+    studio = make_studio(tmp_path, segment_rate_limit=2)
+    studio.generate_and_store(encode(photo), image_id="house", owner="alice", address="10.0.0.1")
+    studio.preview_object("house", [[38, 60]], [1], "alice", address="10.0.0.1")
+    with pytest.raises(LimitExceeded, match="network address"):
+        # Another owner from the same address: the address has used its 2 segmentations.
+        studio.allow_segmentation("bob", "10.0.0.1")
