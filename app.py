@@ -43,7 +43,8 @@ GENERIC_ERROR = "Something unexpected went wrong; it has been logged. Please try
 # The picture keeps its aspect and fits the screen (a fixed-height box leaves big empty bands on a phone);
 # the gallery wraps its thumbnails to the width (a fixed 8 columns hid most of them sideways on a phone).
 CSS = """
-#composite img { max-height: min(600px, 75vh); width: auto; max-width: 100%; }
+#composite img { max-height: min(600px, calc(100vh - 140px)); width: auto; max-width: 100%; }
+#title h2 { margin: 0 0 4px 0; }
 #gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)); }
 """
 STATUS_REFRESH_S = 20  # how often an open page refreshes its status line
@@ -341,7 +342,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             cancel=cancel,
         )
         sess = new_session(summary["image_id"], owner_of(sess))
-        gr.Info(f"{summary['mask_count']} masks from the {summary['engine']}.")
+        gr.Info(f"{summary['mask_count']} masks from the {summary['engine']}.", duration=4)
         if summary["s3"] and summary["s3"]["failed"]:
             gr.Warning(
                 f"{summary['s3']['failed']} of {summary['mask_count']} masks could not be uploaded to S3 "
@@ -371,7 +372,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         if not image_id:
             raise InvalidInput("Choose an image in the library first.")
         result = studio.delete(image_id, owner_of(sess))
-        gr.Info(result["message"])
+        gr.Info(result["message"], duration=4)
         if sess.get("image_id") == image_id:
             sess = new_session(None, owner_of(sess))
         return view(sess, background, gallery=True) + (library_choices(owner_of(sess)),)
@@ -404,7 +405,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         found = studio.mask_at_point(sess["image_id"], x, y, owner_of(sess))
         if found["mask_id"] is None:
             sess["click"], sess["candidates"] = [x, y], []
-            gr.Info(f"No mask covers pixel ({x}, {y}).")
+            gr.Info(f"No mask covers pixel ({x}, {y}).", duration=3)
             return view(sess, background)
         cands = found["candidates"]
         replace = None
@@ -431,7 +432,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         sess["points"], sess["preview"] = [], None
         sess["click"], sess["candidates"] = None, []
         paint(sess, added["mask_id"], hex_to_rgba(color, opacity))
-        gr.Info(f"Stored the object as mask {added['mask_id']}.")
+        gr.Info(f"Stored the object as mask {added['mask_id']}.", duration=4)
         return view(sess, background, gallery=True)
 
     @user_errors
@@ -479,7 +480,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             if not any(s[0] == sess.get("selected") for s in sess["steps"]):
                 sess["selected"] = None  # a colour change must not repaint the mask just taken back
         else:
-            gr.Info("Nothing to undo.")
+            gr.Info("Nothing to undo.", duration=3)
         return view(sess, background)
 
     @user_errors
@@ -633,20 +634,31 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         sess = gr.State(new_session())
         # The same secret after a restart, or every browser would lose its library (the key is unreadable).
         browser_key = gr.BrowserState(None, storage_key="mask-studio-owner", secret=browser_secret(settings.data_dir))
-        gr.Markdown("# Mask Studio\nUpload a photo, click the picture to pick a mask, colour it.", elem_id="title")
+        gr.Markdown("## Mask Studio\nUpload a photo, click the picture to pick a mask, colour it.", elem_id="title")
         if settings.hf_login and oauth_available():
             gr.LoginButton(elem_id="login")  # signed in, your library follows your HF account
         status = gr.Markdown(elem_id="status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):
-                # Upload first: it is what a new visitor does first, on a phone as on a desktop.
-                upload = gr.File(label="Upload a photo", file_types=["image"], elem_id="upload", height=130)
-                custom_id = gr.Textbox(
-                    label="Image id for the next upload (optional)",
-                    elem_id="custom_id",
-                    placeholder="auto: img_YYYYMMDD_HHMMSS_xxxxxxxx",
-                    max_lines=1,
-                )
+                # Upload first: it is what a new visitor does first, on a phone as on a desktop. Side by side
+                # with the optional id (stacked on a phone), so the picture starts high enough to fit the screen.
+                with gr.Row(equal_height=True):
+                    upload = gr.File(
+                        label="Upload a photo",
+                        file_types=["image"],
+                        elem_id="upload",
+                        height=110,
+                        scale=3,
+                        min_width=220,
+                    )
+                    custom_id = gr.Textbox(
+                        label="Image id for the next upload (optional)",
+                        elem_id="custom_id",
+                        placeholder="auto: img_YYYYMMDD_HHMMSS_xxxxxxxx",
+                        max_lines=1,
+                        scale=2,
+                        min_width=200,
+                    )
                 # Hidden until there is a picture: no big empty box before the first upload.
                 composite = gr.Image(
                     label="Composite (click to select)",

@@ -309,6 +309,10 @@ def test_2_click_selects_then_steps_to_larger(browser, app, photo, pixels, viewp
 def test_3_colour_and_opacity_blend(page, app, photo, pixels):
     """The picked colour at the picked opacity, read back from the displayed picture, is the exact blend."""
     upload(page, photo, "colour")
+    # At 1280×800 the whole picture is on the first screen, next to the colour and opacity controls.
+    pic, opacity = page.locator("#composite img").bounding_box(), page.locator("#opacity").bounding_box()
+    assert pic["y"] + pic["height"] <= DESKTOP["height"], pic
+    assert opacity["y"] + opacity["height"] <= DESKTOP["height"], opacity
     click_pixel(page, *WINDOW_PX)
     set_color(page, "#2060c0")
     assert_close(shown_pixel(page, *WINDOW_PX), blend((0x20, 0x60, 0xC0, 153), pixels[WINDOW_PX[1], WINDOW_PX[0]]))
