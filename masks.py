@@ -99,16 +99,46 @@ def encode(mask: np.ndarray) -> dict:
 def decode_counts(counts: list[int], size: list[int] | tuple[int, int]) -> np.ndarray:
     """Uncompressed column-major counts → boolean HxW mask (validated against the size)."""
     h, w = int(size[0]), int(size[1])
-    arr = np.asarray(counts, dtype=np.int64)
-    if arr.ndim != 1 or (arr < 0).any() or int(arr.sum()) != h * w:
-        raise InvalidInput(
-            f"The mask's run lengths add up to {int(arr.sum()) if arr.ndim == 1 else '?'} pixels, "
-            f"but its size {h}x{w} has {h * w}."
-        )
+    arr = _run_lengths(counts, h, w)
     values = np.zeros(arr.size, dtype=bool)
     values[1::2] = True
     flat = np.repeat(values, arr)
     return flat.reshape(w, h).T
+
+
+def _run_lengths(counts, h: int, w: int) -> np.ndarray:
+    """Counts as int64, checked: a flat list of whole non-negative numbers that add up to h * w.
+
+    Floats that are whole (3.0) are accepted; 1.5, NaN, negatives and numbers beyond int64 are refused,
+    never truncated or wrapped around."""
+    try:
+        arr = np.asarray(counts)
+    except (ValueError, TypeError):  # ragged nesting
+        arr = None
+    if arr is None or arr.ndim != 1:
+        raise InvalidInput("The mask's run lengths must be a flat list of whole numbers.")
+    if arr.dtype == object:  # integers too large for int64 (or not numbers at all)
+        if all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in arr):
+            total = sum(int(c) for c in arr)
+            raise InvalidInput(f"The mask's run lengths add up to {total} pixels, but its size {h}x{w} has {h * w}.")
+    if arr.size and arr.dtype.kind not in "iuf":
+        bad = next((c for c in arr.tolist() if not isinstance(c, (int, float)) or isinstance(c, bool)), arr[0])
+        raise InvalidInput(f"The mask's run lengths must be whole non-negative integers (got {bad!r}).")
+    if arr.size:
+        whole = arr >= 0 if arr.dtype.kind != "f" else np.isfinite(arr) & (arr >= 0) & (arr == np.floor(arr))
+        if not whole.all():
+            bad = arr[np.flatnonzero(~whole)[0]].item()
+            raise InvalidInput(f"The mask's run lengths must be whole non-negative integers (got {bad:g}).")
+        if arr.max() > h * w:  # also what would not fit in int64
+            total = sum(arr.tolist())
+            shown = f"{total:g}" if isinstance(total, float) and total >= 2**53 else int(total)
+            raise InvalidInput(f"The mask's run lengths add up to {shown} pixels, but its size {h}x{w} has {h * w}.")
+    arr = arr.astype(np.int64)
+    if int(arr.sum()) != h * w:
+        raise InvalidInput(
+            f"The mask's run lengths add up to {int(arr.sum())} pixels, but its size {h}x{w} has {h * w}."
+        )
+    return arr
 
 
 def decode(rle: dict) -> np.ndarray:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeVar
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -115,6 +115,8 @@ PNG_MAX_PIXELS = 1 << 20  # up to 1 MP sent as lossless PNG; larger images as JP
 TICK = 0.05  # how often the caller's thread looks at cancel / deadline
 PROGRESS_EVERY = 0.5
 GRACE = 1.0  # the worker's own timeouts fire first and say more; this is the backstop
+PREFER_WAIT_MAX = 60  # Replicate holds a `Prefer: wait=n` POST at most this long
+PREFER_WAIT_MARGIN = 5.0  # ...and we ask it to answer this long before SAM_API_TIMEOUT, to learn urls.cancel
 
 T = TypeVar("T")
 
@@ -141,6 +143,8 @@ class _Call:
     text: str = "Preparing the image"
     waiting_since: float | None = None
     started: float = field(default_factory=time.monotonic)
+    # replicate: "creating" while the POST that creates the prediction is out, "running" once it can be cancelled
+    prediction: str | None = None
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -167,12 +171,23 @@ class _Call:
             "Try again, use a smaller image (SAM_MAX_SIDE) or raise SAM_API_TIMEOUT."
         )
 
-    def check(self) -> None:
-        """Raise if the caller gave up or the time is over; called between steps."""
-        if self.stop.is_set():
+    def check(self, *, cancel: bool = True) -> None:
+        """Raise if the caller gave up (unless cancel=False) or the time is over; called between steps."""
+        if cancel and self.stop.is_set():
             raise SegmentationCancelled("Segmentation cancelled.")
         if self.remaining() <= 0:
             raise self.timeout_error()
+
+    def cancelled_message(self) -> str:
+        """What the person is told when they cancel: no claim about the prediction beyond what is under way."""
+        if self.prediction == "creating":
+            return (
+                "Segmentation cancelled. The prediction was still being created: Mask Studio will ask the service "
+                "to cancel it as soon as the service answers."
+            )
+        if self.prediction == "running":
+            return "Segmentation cancelled; Mask Studio is asking the service to cancel the prediction."
+        return "Segmentation cancelled."
 
 
 class HttpSegmenter:
@@ -189,17 +204,27 @@ class HttpSegmenter:
                 f"SAM_API_PROTOCOL must be one of {', '.join(PROTOCOLS)}; got {settings.sam_api_protocol!r}.",
                 title="Configuration error",
             )
-        parts = urlsplit(settings.sam_api_url.rstrip("/"))
+        try:
+            _, parts = _checked_url(settings.sam_api_url.rstrip("/"), "")
+        except ValueError as exc:
+            raise InvalidInput(
+                f"SAM_API_URL {_safe_url(settings.sam_api_url)!r} is not a valid URL ({exc}).",
+                title="Configuration error",
+            ) from exc
         if parts.scheme not in ("http", "https") or not parts.hostname:
             shown = _safe_url(settings.sam_api_url)
             raise InvalidInput(
                 f"SAM_API_URL must be an http:// or https:// address; got {shown!r}.",
                 title="Configuration error",
             )
+        _quiet_http_logs()
         self._settings = settings
         self._protocol = settings.sam_api_protocol
         self._token = settings.sam_api_token
         self._auth: dict[str, str] = {}
+        secrets = [self._token or ""]
+        if parts.password:  # shown nowhere, raw or as the URL spells it (percent-encoded)
+            secrets += [parts.password, unquote(parts.password)]
         if self._token:
             self._auth["Authorization"] = f"Bearer {self._token}"
         elif parts.username is not None:
@@ -207,7 +232,9 @@ class HttpSegmenter:
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             self._token = base64.b64encode(pair).decode("ascii")  # redacted like a token
             self._auth["Authorization"] = f"Basic {self._token}"
-        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+            secrets.append(self._token)
+        self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+        netloc = _host_port(parts.hostname, parts.port)
         self._parts = (parts.scheme, netloc, parts.path.rstrip("/"), parts.query)
         self._base = self._endpoint("")
         self._origin = (parts.scheme, parts.hostname.lower(), parts.port)
@@ -336,6 +363,10 @@ class HttpSegmenter:
         def work() -> None:
             try:
                 box["value"] = job(call)
+            except RecursionError as exc:  # whatever in the answer was nested too deeply to read
+                error = SegmentationBadResponse(f"The {self.engine} answered data nested too deeply to read.")
+                error.__cause__ = exc
+                box["error"] = error
             except Exception as exc:  # handed to the caller's thread below
                 box["error"] = exc
                 if call.stop.is_set():
@@ -350,8 +381,7 @@ class HttpSegmenter:
                 progress(0.0, f"Sending the image to the {self.engine}")
             while not done.wait(TICK):
                 if cancel is not None and cancel.is_set():
-                    what = " (the prediction is being cancelled too)" if self._protocol == "replicate" else ""
-                    raise SegmentationCancelled(f"Segmentation cancelled{what}.")
+                    raise SegmentationCancelled(call.cancelled_message())
                 if call.remaining() < -GRACE:
                     raise call.timeout_error()
                 now = time.monotonic()
@@ -409,19 +439,27 @@ class HttpSegmenter:
             url = self._endpoint("/predictions")
         else:
             url = self._base
-            headers["Prefer"] = "wait"
+            # Replicate holds the POST until the prediction ends or n s pass; n below SAM_API_TIMEOUT means the
+            # answer (and urls.cancel) always comes before we give up, so a prediction can always be cancelled.
+            headers["Prefer"] = f"wait={self._prefer_wait()}"
         call.report(0.05, f"Waiting for the {self.engine}", waiting=True)
-        reply = self._send(call, "POST", url, content=content, headers=headers)
+        creating = self._protocol == "replicate"
+        reply = self._send(call, "POST", url, content=content, headers=headers, creating=creating)
         self._check_service(reply, "POST", url, frame, len(content))
         payload = self._json(reply)
         if self._protocol != "mask-studio":
             payload, url = self._settle(call, payload, url)
         return payload, url
 
+    def _prefer_wait(self) -> int:
+        return max(1, min(PREFER_WAIT_MAX, int(self._timeout - PREFER_WAIT_MARGIN)))
+
     def _settle(self, call: _Call, prediction: Any, url: str) -> tuple[Any, str]:
         """Follow a cog/replicate prediction object until it ends; cancel it if we give up on the way."""
         delay = 0.5 * self._backoff
         cancel_url = None
+        live = False  # a prediction still starting or processing
+        call.prediction = None  # the creating POST has answered: "running" once there is a urls.cancel
         try:
             while True:
                 if not isinstance(prediction, dict) or "status" not in prediction:
@@ -431,14 +469,17 @@ class HttpSegmenter:
                     )
                 status = prediction["status"]
                 urls = prediction.get("urls") if isinstance(prediction.get("urls"), dict) else {}
-                cancel_url = urls.get("cancel") or cancel_url
                 if status == "succeeded":
-                    cancel_url = None
+                    cancel_url, call.prediction, live = None, None, False
                     return prediction.get("output"), url
                 if status in ("failed", "canceled", "aborted"):
-                    cancel_url = None
+                    cancel_url, call.prediction, live = None, None, False
                     detail = self._redact(str(prediction.get("error") or "no reason given"))
                     raise SegmentationPredictionFailed(f"The SAM2 prediction {status}: {detail}")
+                live = status in ("starting", "processing")
+                if isinstance(urls.get("cancel"), str) and urls["cancel"].strip():
+                    cancel_url = self._prediction_url(url, urls["cancel"], "cancel", cancellable=cancel_url is not None)
+                    call.prediction = "running"
                 if status not in ("starting", "processing"):
                     raise SegmentationBadResponse(f"The {self.engine} reported an unknown status {status!r}.")
                 poll = urls.get("get")
@@ -446,27 +487,56 @@ class HttpSegmenter:
                     raise SegmentationBadResponse(
                         f"The {self.engine} says the prediction is {status} but gives no urls.get to follow."
                     )
+                poll = self._prediction_url(url, poll, "get", cancellable=cancel_url is not None)
                 call.report(0.1, f"SAM2 prediction {status}", waiting=True)
                 call.stop.wait(max(0.0, min(delay, call.remaining())))  # a cancel wakes it early
                 call.check()
-                url = urljoin(url, poll)
+                url = poll
                 reply = self._send(call, "GET", url, headers=self._headers_for(url))
                 self._check_service(reply, "GET", url)
                 prediction = self._json(reply)
                 delay = min(delay * 1.5, 5.0 * self._backoff)
         finally:
             if cancel_url is not None:
-                self._cancel_prediction(urljoin(url, cancel_url))
+                self._cancel_prediction(cancel_url)
+            elif live:
+                log.warning("%s: given up on a prediction that gave no usable urls.cancel to stop it", self.engine)
+
+    def _prediction_url(self, base: str, ref: str, key: str, *, cancellable: bool) -> str:
+        """A prediction's urls.get / urls.cancel, resolved; only on the service's host or one allowed for masks."""
+        try:
+            url, parts = _checked_url(base, ref)
+        except ValueError as exc:
+            shown, problem = _safe_url(ref.strip()), f"is not a valid URL ({exc})"
+        else:
+            shown, host = _safe_url(url), (parts.hostname or "").lower()
+            if parts.scheme not in ("http", "https"):
+                problem = "is not http or https"
+            elif not self._host_allowed(host):
+                problem = (
+                    f"points to {host}, which is neither the SAM2 service's host ({self._origin[1]}) "
+                    "nor listed in SAM_MASK_URL_HOSTS"
+                )
+            else:
+                return url
+        still = "" if cancellable else "; the prediction may still be running at the service"
+        raise SegmentationBadResponse(
+            f"The {self.engine} gave a prediction urls.{key} {self._redact(shown)!r} that {problem}; "
+            f"it was not followed{still}."
+        )
 
     def _cancel_prediction(self, url: str) -> None:
         """Best effort: a prediction we no longer wait for should stop costing money."""
         try:
             reply = self._client.post(url, headers=self._headers_for(url), timeout=HEALTH_TIMEOUT)
-        except (httpx.HTTPError, RuntimeError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, RuntimeError, ValueError) as exc:
             name = type(exc).__name__
             log.warning("Could not cancel the SAM2 prediction at %s (%s).", _safe_url(url), name)
             return
-        log.info("Cancelled the SAM2 prediction at %s (HTTP %d).", _safe_url(url), reply.status_code)
+        if 200 <= reply.status_code < 300:
+            log.info("Cancelled the SAM2 prediction at %s (HTTP %d).", _safe_url(url), reply.status_code)
+        else:
+            log.warning("Could not cancel the SAM2 prediction at %s (HTTP %d).", _safe_url(url), reply.status_code)
 
     # -- HTTP with retries -----------------------------------------------------------------------------
 
@@ -479,8 +549,12 @@ class HttpSegmenter:
         content: bytes | None = None,
         headers: dict[str, str] | None = None,
         mask: bool = False,
+        creating: bool = False,
     ) -> _Reply:
-        """One exchange, repeated only on 429/5xx and failures to connect (never after a read timeout)."""
+        """One exchange, repeated only on 429/5xx and failures to connect (never after a read timeout).
+
+        creating: the POST that creates a paid prediction. Once sent, its answer is read to the end even if
+        the caller cancels meanwhile: it carries the urls.cancel that stops the prediction."""
         what = f"mask URL {_safe_url(url)}" if mask else self.engine
         attempt = 0
         while True:
@@ -490,8 +564,10 @@ class HttpSegmenter:
             failure: SegmentationError | None = None
             cause: Exception | None = None
             reply: _Reply | None = None
+            if creating:
+                call.prediction = "creating"
             try:
-                reply = self._exchange(call, method, url, content, headers, timeout, mask)
+                reply = self._exchange(call, method, url, content, headers, timeout, mask, finish=creating)
             except httpx.ConnectTimeout as exc:
                 failure, cause = (
                     SegmentationTimeout(f"Could not connect to the {what} within {self._connect_timeout:g} s."),
@@ -510,12 +586,24 @@ class HttpSegmenter:
                     f"The {what} did not answer within {self._timeout:g} s (SAM_API_TIMEOUT). "
                     "Try again, use a smaller image (SAM_MAX_SIDE) or raise SAM_API_TIMEOUT."
                 ) from exc
+            except httpx.RemoteProtocolError as exc:
+                if "location header" not in str(exc).lower():
+                    raise SegmentationUnavailable(
+                        f"The connection to the {what} broke before a complete answer ({type(exc).__name__}); "
+                        "it was not sent again, as the service may have run it."
+                    ) from exc
+                raise SegmentationBadResponse(  # httpx reads a redirect's Location even when not following it
+                    f"The {what} answered a redirect to an invalid address; redirects are not followed: "
+                    "set SAM_API_URL to the final address."
+                ) from exc
             except httpx.HTTPError as exc:
                 raise SegmentationUnavailable(
                     f"The connection to the {what} broke before a complete answer ({type(exc).__name__}); "
                     "it was not sent again, as the service may have run it."
                 ) from exc
             retry_after = None
+            if creating and (reply is None or not 200 <= reply.status < 300):
+                call.prediction = None  # no prediction was created
             if reply is not None:
                 if reply.status != 429 and reply.status < 500:
                     return reply
@@ -544,12 +632,12 @@ class HttpSegmenter:
             call.stop.wait(wait)  # a cancel wakes it early; the check at the top of the loop raises
             attempt += 1
 
-    def _exchange(self, call, method, url, content, headers, timeout, mask) -> _Reply:
-        """Stream one response, capping its size and watching the deadline between chunks."""
+    def _exchange(self, call, method, url, content, headers, timeout, mask, finish=False) -> _Reply:
+        """Stream one response, capping its size and watching the deadline (and, unless finish, a cancel)."""
         cap = self.max_mask_bytes if mask else self.max_response_bytes
         with self._client.stream(method, url, content=content, headers=headers, timeout=timeout) as response:
             declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > cap:
+            if declared.isascii() and declared.isdigit() and int(declared) > cap:
                 self._too_big(url, int(declared), cap, mask)
             chunks, size = [], 0
             for chunk in response.iter_bytes():
@@ -557,7 +645,7 @@ class HttpSegmenter:
                 if size > cap:
                     self._too_big(url, size, cap, mask)
                 chunks.append(chunk)
-                call.check()  # a service trickling bytes must not outlast SAM_API_TIMEOUT
+                call.check(cancel=not finish)  # a service trickling bytes must not outlast SAM_API_TIMEOUT
             return _Reply(response.status_code, response.headers, b"".join(chunks), str(response.url))
 
     def _too_big(self, url: str, size: int, cap: int, mask: bool) -> None:
@@ -575,7 +663,12 @@ class HttpSegmenter:
         detail = self._detail(reply)
         where = f"{method} {_safe_url(url)}"
         if 300 <= status < 400:
-            location = _safe_url(urljoin(url, reply.headers.get("Location", "")))
+            location = reply.headers.get("Location", "")
+            try:
+                location = urljoin(url, location)
+            except ValueError:
+                pass  # not a valid URL: shown as it came, without what may hold a secret
+            location = self._redact(_safe_url(location))
             raise SegmentationBadResponse(
                 f"The {self.engine} redirected {where} to {location} (HTTP {status}); redirects are not "
                 "followed: set SAM_API_URL to the final address."
@@ -612,6 +705,8 @@ class HttpSegmenter:
     def _json(self, reply: _Reply) -> Any:
         try:
             return json.loads(reply.body)
+        except RecursionError as exc:
+            raise SegmentationBadResponse(f"The {self.engine} answered JSON nested too deeply to read.") from exc
         except (ValueError, UnicodeDecodeError) as exc:
             kind = reply.headers.get("Content-Type", "no content type")
             start = self._redact(reply.body[:60].decode("utf-8", "replace"))
@@ -627,13 +722,23 @@ class HttpSegmenter:
             data = json.loads(reply.body)
             if isinstance(data, dict):
                 text = str(data.get("detail") or data.get("error") or data.get("message") or "")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             text = reply.body[:200].decode("utf-8", "replace") if b"<" not in reply.body[:1] else ""
         text = " ".join(self._redact(text).split())[:200]
         return f": {text}" if text else ""
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._token, "***") if self._token else text
+        """The text with the token, and any password from SAM_API_URL (raw or base64), replaced by ***."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _host_allowed(self, host: str) -> bool:
+        """The service's own host, or a host listed in SAM_MASK_URL_HOSTS (subdomains included)."""
+        host = host.lower()
+        return bool(host) and (
+            host == self._origin[1] or any(host == h or host.endswith("." + h) for h in self._mask_hosts)
+        )
 
     def _headers_for(self, url: str) -> dict[str, str]:
         """The token goes to the service's own origin only, never to a file host."""
@@ -687,7 +792,13 @@ class HttpSegmenter:
         """A segmentation in any of the accepted forms → boolean mask at the original image size."""
         if not is_url(seg):
             return inline_mask(seg, i, frame)
-        url = urljoin(base_url, seg.strip())
+        try:
+            url, _ = _checked_url(base_url, seg)
+        except ValueError as exc:
+            shown = self._redact(_safe_url(seg.strip()))
+            raise SegmentationMaskURLError(
+                f"Mask {i}'s URL {shown!r} is not a valid URL ({exc}); it was not fetched."
+            ) from exc
         data = self._download(call, url, i)
         source = f"The mask at {_safe_url(url)}"
         mask = image_mask(data, i, frame, source=source, error=SegmentationMaskURLError)
@@ -699,7 +810,7 @@ class HttpSegmenter:
         if parts.scheme not in ("http", "https"):
             raise SegmentationMaskURLError(f"Mask {i}'s URL {safe} is not http or https; it was not fetched.")
         host = (parts.hostname or "").lower()
-        if host != self._origin[1] and not any(host == h or host.endswith("." + h) for h in self._mask_hosts):
+        if not self._host_allowed(host):
             raise SegmentationMaskURLError(
                 f"Mask {i}'s URL is on {host}, which is neither the SAM2 service's host ({self._origin[1]}) "
                 "nor listed in SAM_MASK_URL_HOSTS; it was not fetched."
@@ -796,19 +907,67 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.replace(".", "", 1).isdigit():
-        return float(value)
     try:
+        if value.isascii() and value.replace(".", "", 1).isdigit():
+            return float(value)
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _safe_url(url: str) -> str:
-    """A URL fit for a message or a log: no user:password, no query string (it may hold a key)."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
+    """A URL fit for a message or a log: no user:password, no query string (it may hold a key). Never raises."""
+    try:
+        parts = urlsplit(url)
+        netloc = _host_port(parts.hostname or "", parts.port)
+        return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
+    except ValueError:  # not a valid URL (bad port, bad IPv6 address): cut by hand what may hold a secret
+        head, query = url.partition("#")[0], ""
+        head, mark, query = head.partition("?")
+        scheme, sep, rest = head.rpartition("://") if "://" in head else ("", "", head)
+        netloc, slash, path = rest.partition("/")
+        return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}" + ("?…" if mark else "")
+
+
+def _host_port(host: str, port: int | None) -> str:
+    """host[:port] for a URL, an IPv6 address in brackets."""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port else host
+
+
+def _checked_url(base: str, ref: str) -> tuple[str, SplitResult]:
+    """`ref` resolved against `base`, checked to be a URL httpx can request; ValueError saying why not."""
+    try:
+        url = urljoin(base, ref.strip())
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a port out of range
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(str(exc)) from None
+    return url, parts
+
+
+class _RedactURLs(logging.Filter):
+    """httpx logs each request's URL at INFO: show it as _safe_url does, without user:password or query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, httpx.URL) for a in record.args):
+            record.args = tuple(_safe_url(str(a)) if isinstance(a, httpx.URL) else a for a in record.args)
+        return True
+
+
+_REDACT_URLS = _RedactURLs()
+
+
+def _quiet_http_logs() -> None:
+    """The app logs at INFO, where httpx would log every request URL (a key in SAM_API_URL's query with it).
+
+    httpx and httpcore are kept at WARNING unless someone configured them; either way httpx's URLs are redacted."""
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
+    httpx_log = logging.getLogger("httpx")
+    if _REDACT_URLS not in httpx_log.filters:
+        httpx_log.addFilter(_REDACT_URLS)

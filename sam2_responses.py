@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +121,7 @@ def inline_mask(seg: Any, i: int, frame: Frame) -> np.ndarray:
     elif isinstance(seg, list):
         try:
             arr = np.asarray(seg, dtype=np.float32)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise SegmentationBadResponse(f"Mask {i} is a list but not a 2-D array of 0/1.") from exc
         if arr.ndim != 2:
             raise SegmentationBadResponse(f"Mask {i} is a list with {arr.ndim} dimensions, expected 2.")
@@ -147,11 +148,11 @@ def _rle_mask(seg: dict, i: int, frame: Frame) -> np.ndarray:
         return rle.decode({"size": size, "counts": counts})
     except (InvalidInput, TypeError, ValueError) as exc:
         why = exc.message if isinstance(exc, InvalidInput) else "its counts are not integers"
-        raise SegmentationBadResponse(f"Mask {i}'s RLE does not fit its size: {why}") from exc
+        raise SegmentationBadResponse(f"Mask {i}'s RLE is unusable: {why}") from exc
 
 
 def image_mask(data: bytes, i: int, frame: Frame, *, source: str, error: type[SegmentationRejected]) -> np.ndarray:
-    """PNG or JPEG bytes → boolean mask (alpha if it carries the mask, else brightness > 127)."""
+    """PNG or JPEG bytes → boolean mask (alpha if it carries the mask, else brightness > 127; 0/1 masks > 0)."""
     if not (data.startswith(b"\x89PNG\r\n\x1a\n") or data.startswith(b"\xff\xd8\xff")):
         raise error(f"{source} is not a PNG or JPEG image (it starts with {data[:8]!r}).")
     try:
@@ -161,15 +162,23 @@ def image_mask(data: bytes, i: int, frame: Frame, *, source: str, error: type[Se
             if "A" in im.getbands():
                 alpha = np.asarray(im.getchannel("A"))
                 if alpha.min() < 255:
-                    return alpha > 127
-            return np.asarray(im.convert("L")) > 127
+                    return _binary(alpha)
+            return _binary(np.asarray(im.convert("L")))
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise error(f"{source} is a damaged image ({exc}).") from exc
+
+
+def _binary(channel: np.ndarray) -> np.ndarray:
+    """0/255 masks are cut at 127; masks written as 0/1 (maximum 1) at 0, or they would come out empty."""
+    return channel > (0 if channel.max(initial=0) <= 1 else 127)
 
 
 def _check_size(shape: tuple[int, int], i: int, frame: Frame, source: str) -> None:
     """A mask must be at the sent or original size, or at least have the image's proportions."""
     h, w = int(shape[0]), int(shape[1])
+    name = source if source != "Mask" else f"Mask {i}"
+    if h <= 0 or w <= 0:
+        raise SegmentationBadResponse(f"{name} has no pixels ({w}×{h}).")
     if (h, w) in (frame.orig, frame.sent):
         return
     H, W = frame.orig
@@ -179,7 +188,6 @@ def _check_size(shape: tuple[int, int], i: int, frame: Frame, source: str) -> No
         sent = f"{frame.sent[1]}×{frame.sent[0]}"
         if frame.sent != frame.orig:
             sent += f" (original {W}×{H})"
-        name = source if source != "Mask" else f"Mask {i}"
         raise SegmentationBadResponse(f"{name} is {w}×{h}, but the image sent was {sent}: sizes disagree.")
 
 
@@ -218,7 +226,7 @@ def _scaled(value: Any, sx: float, sy: float, *, pairs: bool) -> list | None:
             return [[float(x) * sx, float(y) * sy] for x, y in value]
         x, y, w, h = (float(v) for v in value)
         return [round(x * sx), round(y * sy), round(w * sx), round(h * sy)]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         if value is not None:
             name = "point_coords" if pairs else "crop_box"
             log.debug("ignoring a malformed %s from the SAM2 service", name)
@@ -334,7 +342,14 @@ def _b64(text: str, i: int) -> bytes:
 
 
 def _float(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A score as a finite float, or None (not a number, a bool, NaN, infinite or too large)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def describe_json(value: Any) -> str:

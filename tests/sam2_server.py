@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import threading
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +44,7 @@ class Recorded:
     headers: dict[str, str]
     body: bytes
     client_port: int
+    at: float = field(default_factory=time.monotonic)  # when it arrived (time.monotonic)
 
     def json(self) -> Any:
         return jsonlib.loads(self.body)

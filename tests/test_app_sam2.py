@@ -9,7 +9,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 import masks as rle
-from app_server import running_app
+from app_server import free_port, running_app
 from helpers import house_masks
 from sam2_server import Reply, SamServer
 
@@ -67,13 +67,29 @@ def test_masks_come_from_the_service(sam, client, app, house_photo):
         ([Reply(status=401, json={"detail": "bad token"})], "refused the token"),
         ([Reply(status=500)] * 2, "500"),
         ([Reply(body=b"<html>oops</html>", headers={"Content-Type": "text/html"})], "JSON"),
-        ([Reply(json={"masks": [{"segmentation": rle.encode(np.ones((5, 5), bool))}]})], "5"),
+        (
+            [Reply(json={"masks": [{"segmentation": rle.encode(np.ones((5, 5), bool))}]})],
+            "Mask 0 is 5×5, but the image sent was 128×96: sizes disagree",
+        ),
         ([Reply(json=sam_records(), delay=5)], "did not answer"),
+        ([Reply(404, json={"detail": "Not Found"})], "answered 404 Not Found for POST {url}/segment"),
+        ([Reply(413)], "refused the image as too large (HTTP 413"),
+        (
+            [Reply(json={"masks": [{"mask_url": "/gone.png"}]})],
+            "The mask at {url}/gone.png could not be fetched (HTTP 404)",
+        ),
+        (
+            lambda sam: [Reply(json={"masks": [{"mask_url": f"http://localhost:{sam.port}/m.png"}]})],
+            "Mask 0's URL is on localhost, which is neither the SAM2 service's host (127.0.0.1) "
+            "nor listed in SAM_MASK_URL_HOSTS; it was not fetched.",
+        ),
     ],
-    ids=["401", "500-twice", "not-json", "wrong-size", "timeout"],
+    ids=["401", "500-twice", "not-json", "wrong-size", "timeout", "404", "413", "mask-url-404", "mask-url-host"],
 )
 def test_service_failures_are_clear_and_store_nothing(sam, client, house_photo, caplog, replies, message):
     before = len(client.predict(api_name="/list_images"))
+    replies = replies(sam) if callable(replies) else replies
+    message = message.replace("{url}", sam.url)
     sam.add("POST", "/segment", *replies)
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(AppError) as info:
@@ -85,6 +101,38 @@ def test_service_failures_are_clear_and_store_nothing(sam, client, house_photo, 
     sam.add("POST", "/segment", Reply(json=sam_records()))  # ...and the next request is served
     ok = client.predict(handle_file(house_photo), api_name="/generate_and_store_masks")
     client.predict(ok["image_id"], api_name="/delete_image")
+    assert sam.requests_to("GET", "/m.png") == []  # a mask URL on a host not allowed is never fetched
+
+
+def test_rate_limited_then_served(sam, client, house_photo):
+    """HTTP 429 with Retry-After: 1 is retried after (at least) that second, and the masks are stored."""
+    before = len(client.predict(api_name="/list_images"))
+    sent = len(sam.requests_to("POST", "/segment"))
+    sam.add("POST", "/segment", Reply(429, headers={"Retry-After": "1"}), Reply(json=sam_records()))
+    out = client.predict(handle_file(house_photo), api_name="/generate_and_store_masks")
+    assert out["mask_count"] == 4
+    limited, served = sam.requests_to("POST", "/segment")[sent:]
+    assert served.at - limited.at >= 1.0
+    assert len(client.predict(api_name="/list_images")) == before + 1
+    client.predict(out["image_id"], api_name="/delete_image")
+
+
+def test_service_refusing_connections_is_clear_and_stores_nothing(tmp_path, house_photo, caplog):
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with running_app(tmp_path, sam_api_url=down, sam_api_token=TOKEN, sam_api_retries=1) as (url, studio, _):
+        c = Client(url, verbose=False)
+        with caplog.at_level(logging.INFO):
+            with pytest.raises(AppError) as info:
+                c.predict(handle_file(house_photo), api_name="/generate_and_store_masks")
+        assert info.value.message == (
+            f"The SAM2 service at {down} cannot be reached: connection refused "
+            f"(nothing listens at 127.0.0.1:{down.rsplit(':', 1)[1]})."
+        )
+        assert TOKEN not in info.value.message and TOKEN not in caplog.text
+        assert c.predict(api_name="/list_images") == [] and studio.list_images("local") == []  # nothing stored
+        with pytest.raises(AppError) as again:  # the app still serves, with the same clear message
+            c.predict(handle_file(house_photo), api_name="/generate_and_store_masks")
+        assert again.value.message == info.value.message
 
 
 def test_segment_endpoint_sends_prompts(sam, client, house_photo):

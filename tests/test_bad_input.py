@@ -2,6 +2,7 @@
 serving. Through the real app and gradio_client; NaN through raw HTTP (the client cannot send it);
 property-based tests (hypothesis) for render instructions and coordinates on the Studio service."""
 
+import base64
 import json
 import math
 
@@ -245,3 +246,65 @@ def test_any_point_finds_masks_under_it_or_fails_clearly(studio, x, y):
     assert sorted(found["candidates"]) == sorted(under)
     if under:
         assert found["mask_id"] == min(under, key=lambda m: loaded.masks[m].area)
+
+
+# ---- every kind of upload of issue 2 §6, through the app: it works or it is refused, nothing half-stored ----
+def _upload_cases():
+    import io as _io
+
+    from PIL import Image as _Image
+    from test_imaging import bomb_png
+
+    def saved(im, fmt, **kw) -> bytes:
+        buf = _io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    photo = make_photo(H, W)
+    rgba = np.dstack([photo, np.full((H, W), 128, np.uint8)])
+    frames = [_Image.fromarray(photo), _Image.fromarray(photo[::-1].copy())]
+    rotated = _Image.fromarray(photo)  # stored sideways, with EXIF orientation 6 ("rotate 90° to show")
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    return [
+        ("not-an-image", b"just some text", "not an image Mask Studio can read", None),
+        ("truncated-png", encode(photo)[:300], "damaged or incomplete", None),
+        ("1x1", encode(np.zeros((1, 1, 3), np.uint8)), "needs at least 8×8", None),
+        ("decompression-bomb", bomb_png(), "900.0 megapixels; the limit is 40.0", None),
+        ("too-large", b"\x89PNG" + b"\x00" * (2 * 1024 * 1024), "MAX_UPLOAD_MB", None),
+        ("animated-gif", saved(frames[0], "GIF", save_all=True, append_images=frames[1:]), None, (W, H)),
+        ("rgba-png", encode(rgba), None, (W, H)),
+        ("16-bit-png", saved(_Image.fromarray((photo[..., 0].astype(np.uint16) * 257)), "PNG"), None, (W, H)),
+        ("greyscale", encode(photo[..., 0]), None, (W, H)),
+        ("cmyk-jpeg", saved(_Image.fromarray(photo).convert("CMYK"), "JPEG"), None, (W, H)),
+        ("exif-rotated-jpeg", saved(rotated, "JPEG", exif=exif), None, (H, W)),  # shown upright: w and h swap
+    ]
+
+
+@pytest.mark.parametrize("name, data, refusal, size", _upload_cases(), ids=[c[0] for c in _upload_cases()])
+def test_every_kind_of_upload_works_or_is_refused_with_nothing_stored(tmp_path, name, data, refusal, size):
+    path = tmp_path / f"{name}.bin"
+    path.write_bytes(data)
+    with running_app(tmp_path / "data", RecordsSegmenter(house_masks), max_upload_mb=1) as (url, studio, _):
+        client = Client(url, verbose=False)
+        if name == "too-large":
+            # Gradio refuses the upload itself (the limit is MAX_UPLOAD_MB); the client says so before sending.
+            with pytest.raises(ValueError, match="exceeds the maximum file size of 1048576 bytes"):
+                client.predict(handle_file(str(path)), name, api_name="/generate_and_store_masks")
+            # Sent as base64 instead, it reaches the app, which names the setting.
+            b64 = base64.b64encode(data).decode()
+            with pytest.raises(AppError, match=refusal):
+                client.predict(None, name, b64, api_name="/generate_and_store_masks")
+            assert client.predict(api_name="/list_images") == [] and list(studio.blobs.keys()) == []
+        elif refusal is not None:
+            with pytest.raises(AppError) as info:
+                client.predict(handle_file(str(path)), name, api_name="/generate_and_store_masks")
+            assert refusal in info.value.message and info.value.message != GENERIC_ERROR
+            assert client.predict(api_name="/list_images") == [] and list(studio.blobs.keys()) == []
+        else:
+            out = client.predict(handle_file(str(path)), name, api_name="/generate_and_store_masks")
+            assert (out["image_dimensions"]["width"], out["image_dimensions"]["height"]) == size
+        # Either way the app goes on serving: the next ordinary upload works.
+        ok = tmp_path / "ok.png"
+        ok.write_bytes(encode(make_photo(H, W)))
+        assert client.predict(handle_file(str(ok)), api_name="/generate_and_store_masks")["mask_count"] == 4

@@ -47,6 +47,8 @@ def test_large_mask_round_trip_and_bbox():
 def test_uncompressed_counts_decode():
     m = np.array([[0, 1], [1, 1]], bool)  # column-major: 0,1 | 1,1 → counts [1, 3]
     np.testing.assert_array_equal(rle.decode({"size": [2, 2], "counts": [1, 3]}), m)
+    np.testing.assert_array_equal(rle.decode({"size": [2, 2], "counts": [1.0, 3.0]}), m)  # whole, as floats
+    assert not rle.decode({"size": [2, 2], "counts": [4]}).any()
 
 
 @pytest.mark.parametrize(
@@ -55,6 +57,16 @@ def test_uncompressed_counts_decode():
         ({"size": [2, 2], "counts": [1, 2]}, "add up to 3 pixels, but its size 2x2 has 4"),
         ({"size": [2, 2]}, "needs 'size' and 'counts'"),
         ({"size": [2, 2], "counts": "\x01\x02"}, "corrupt"),
+        ({"size": [2, 2], "counts": [1.5, 2.5]}, "whole non-negative integers \\(got 1.5\\)"),
+        ({"size": [2, 2], "counts": [float("nan"), 4]}, "whole non-negative integers \\(got nan\\)"),
+        ({"size": [2, 2], "counts": [-1, 5]}, "whole non-negative integers \\(got -1\\)"),
+        ({"size": [2, 2], "counts": [10**30]}, f"add up to {10**30} pixels, but its size 2x2 has 4"),
+        ({"size": [2, 2], "counts": [2**63, 1]}, "add up to 9.22337e\\+18 pixels"),
+        ({"size": [2, 2], "counts": [1e300, 1]}, "add up to 1e\\+300 pixels"),
+        ({"size": [2, 2], "counts": [1, None]}, "whole non-negative integers"),
+        ({"size": [2, 2], "counts": [[1, 3]]}, "flat list"),
+        ({"size": [2, 2], "counts": [[1], [1, 2]]}, "flat list"),
+        ({"size": [2, 2], "counts": "o" * 20 + "?"}, "add up to"),
     ],
 )
 def test_bad_rle_is_a_clear_error(bad, message):

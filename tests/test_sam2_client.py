@@ -7,6 +7,7 @@ import io
 import logging
 import socket
 import threading
+import time
 import traceback
 
 import httpx
@@ -326,7 +327,7 @@ def test_bad_prompts_are_refused_before_any_request(server, client, kwargs, mess
         (
             Reply(json={"masks": [{"segmentation": {"size": [H, W], "counts": [5, 5]}}]}),
             SegmentationBadResponse,
-            "RLE does not fit its size",
+            "Mask 0's RLE is unusable: The mask's run lengths add up to 10 pixels, but its size 48x64 has 3072",
         ),
         (
             Reply(json={"masks": [{"segmentation": {"size": [H, W], "counts": "\x01garbage"}}]}),
@@ -341,7 +342,7 @@ def test_bad_prompts_are_refused_before_any_request(server, client, kwargs, mess
         (
             Reply(json={"masks": [{"segmentation": b64png(np.ones((10, 40), bool))}]}),
             SegmentationBadResponse,
-            "10|sizes disagree",
+            "Mask 0 is 40×10, but the image sent was 64×48: sizes disagree",
         ),
         (Reply(json={"masks": [{"segmentation": "not base64 !"}]}), SegmentationBadResponse, "neither a URL"),
         (
@@ -378,6 +379,93 @@ def test_each_failure_is_a_distinct_clear_error(server, client, caplog, reply, e
     assert_no_token(caplog, info.value)
 
 
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    "reply, error, message",
+    [
+        (Reply(json={"masks": [{"mask_url": "http://[::1/x"}]}), SegmentationMaskURLError, "Invalid IPv6 URL"),
+        (
+            Reply(json={"masks": [{"mask_url": "http://127.0.0.1:99999/x"}]}),
+            SegmentationMaskURLError,
+            "Mask 0's URL 'http://127.0.0.1:99999/x' is not a valid URL \\(Port out of range",
+        ),
+        (
+            Reply(json={"masks": [{"mask_url": "http://127.0.0.1/x\x00y"}]}),
+            SegmentationMaskURLError,
+            "Mask 0's URL .* is not a valid URL .*non-printable",
+        ),
+        (
+            Reply(json={"masks": [{"mask_url": "http://[::1/x?key=abc"}]}),
+            SegmentationMaskURLError,
+            "Mask 0's URL 'http://\\[::1/x\\?…' is not a valid URL",
+        ),
+        (
+            Reply(json={"masks": [{"segmentation": {"size": [H, W], "counts": [10**30]}}]}),
+            SegmentationBadResponse,
+            f"add up to {10**30} pixels, but its size 48x64 has 3072",
+        ),
+        (
+            Reply(json={"masks": [{"segmentation": {"size": [H, W], "counts": [1.5, 3071.5]}}]}),
+            SegmentationBadResponse,
+            "Mask 0's RLE is unusable: .*whole non-negative integers \\(got 1.5\\)",
+        ),
+        (
+            Reply(json={"masks": [{"segmentation": {"size": [H, W], "counts": [-5, 3077]}}]}),
+            SegmentationBadResponse,
+            "whole non-negative integers \\(got -5\\)",
+        ),
+        (
+            Reply(json={"masks": [{"segmentation": [[], []]}]}),
+            SegmentationBadResponse,
+            "Mask 0 has no pixels \\(0×2\\)",
+        ),
+        (Reply(json={"masks": [{"segmentation": [[10**400]]}]}), SegmentationBadResponse, "not a 2-D array of 0/1"),
+        (
+            Reply(json={"masks": [{"segmentation": rle.encode(MID), "predicted_iou": 10**400}]}),
+            None,
+            "",
+        ),
+        (Reply(body=DEEP_JSON), SegmentationBadResponse, "nested too deeply"),
+        (Reply(422, body=DEEP_JSON), SegmentationRejected, "refused the request \\(HTTP 422"),
+        (
+            Reply(302, headers={"Location": "http://[::1/elsewhere?key=abc"}),
+            SegmentationBadResponse,
+            "answered a redirect to an invalid address; redirects are not followed",
+        ),
+    ],
+    ids=[
+        "url-ipv6",
+        "url-port",
+        "url-nul",
+        "url-query",
+        "rle-huge",
+        "rle-fraction",
+        "rle-negative",
+        "empty-array",
+        "huge-number",
+        "huge-iou",
+        "deep-json",
+        "deep-json-error",
+        "bad-redirect",
+    ],
+)
+def test_bad_service_data_is_a_clear_error(server, client, caplog, reply, error, message):
+    """Nonsense from the service becomes its own SegmentationError, never a generic 'unexpected error'."""
+    caplog.set_level(logging.DEBUG)
+    server.add("POST", "/segment", reply)
+    if error is None:  # tolerated: the mask is kept, the unreadable score dropped
+        (record,) = client().generate(make_image())
+        assert record["predicted_iou"] is None
+        return
+    with pytest.raises(error, match=message) as info:
+        client().generate(make_image())
+    assert type(info.value) is error
+    assert "key=abc" not in str(info.value)
+    assert_no_token(caplog, info.value)
+
+
 def test_401_without_a_token_says_one_is_needed(server, client):
     server.add("POST", "/segment", Reply(401))
     with pytest.raises(SegmentationAuthError, match="it needs a token: set SAM_API_TOKEN"):
@@ -408,6 +496,18 @@ def test_429_honours_retry_after(server, client, caplog):
     )
     assert len(client().generate(make_image())) == 1
     assert "HTTP 429; retrying in 0.0 s (Retry-After)" in caplog.text
+
+
+def test_retry_after_of_one_second_is_waited_for(server, client):
+    server.add(
+        "POST",
+        "/segment",
+        Reply(429, headers={"Retry-After": "1"}),
+        Reply(json={"masks": [{"segmentation": rle.encode(MID)}]}),
+    )
+    assert len(client().generate(make_image())) == 1
+    first, second = server.requests
+    assert second.at - first.at >= 1.0  # a lower bound only: the retry waited the second it was asked to
 
 
 def test_429_asking_for_longer_than_the_timeout_gives_up_at_once(server, client):
@@ -510,6 +610,25 @@ def test_mask_url_host_allowed_by_setting_gets_no_token(server, client):
     assert "Authorization" not in server.requests_to("GET", "/m.png")[0].headers
 
 
+@pytest.mark.parametrize("how", ["inline", "url"])
+@pytest.mark.parametrize("mode", ["L", "LA"])
+def test_png_mask_of_0_and_1_is_read_not_dropped(server, client, how, mode):
+    """Some services write masks as 0/1 bytes, not 0/255: thresholding at 127 would make them empty."""
+    image = Image.fromarray(MID.astype(np.uint8))
+    if mode == "LA":  # the mask in a 0/1 alpha channel
+        image = Image.merge("LA", (Image.new("L", (W, H), 255), image))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    if how == "url":
+        server.add("GET", "/m01.png", Reply(body=buf.getvalue()))
+        segmentation = "/m01.png"
+    else:
+        segmentation = base64.b64encode(buf.getvalue()).decode()
+    server.add("POST", "/segment", Reply(json={"masks": [{"segmentation": segmentation}]}))
+    (record,) = client().generate(make_image())
+    np.testing.assert_array_equal(rle.decode(record["segmentation"]), MID)
+
+
 @pytest.mark.parametrize(
     "url, reply, message",
     [
@@ -587,7 +706,7 @@ def test_replicate_polls_until_succeeded_and_reports_progress(server, client, ca
 
     np.testing.assert_array_equal(rle.decode(record["segmentation"]), MID)
     post = server.requests_to("POST", path)[0]
-    assert post.headers["Authorization"] == f"Bearer {TOKEN}" and post.headers["Prefer"] == "wait"
+    assert post.headers["Authorization"] == f"Bearer {TOKEN}" and post.headers["Prefer"] == "wait=1"
     assert post.json()["input"]["image"].startswith("data:image/")
     polls = server.requests_to("GET", "/v1/predictions/p1")
     assert len(polls) == 2 and all(p.headers["Authorization"] == f"Bearer {TOKEN}" for p in polls)
@@ -630,7 +749,7 @@ def test_hosted_replicate_shapes_through_the_transport_seam():
         (record,) = seg.generate(make_image())
     np.testing.assert_array_equal(rle.decode(record["segmentation"]), MID)
     assert [str(r.url) for r in seen] == [api, "https://pbxt.replicate.delivery/x/0.png"]
-    assert seen[0].headers["Authorization"] == f"Bearer {TOKEN}" and seen[0].headers["Prefer"] == "wait"
+    assert seen[0].headers["Authorization"] == f"Bearer {TOKEN}" and seen[0].headers["Prefer"] == "wait=60"
     assert "Authorization" not in seen[1].headers
 
 
@@ -672,6 +791,107 @@ def test_replicate_giving_up_at_the_timeout_cancels_the_prediction(server, clien
     with pytest.raises(SegmentationTimeout, match="SAM_API_TIMEOUT"):
         client(sam_api_url=server.url + "/p", sam_api_protocol="replicate", sam_api_timeout=0.5).generate(make_image())
     assert len(server.wait_for("POST", "/v1/predictions/p1/cancel")) == 1
+
+
+@pytest.mark.parametrize("timeout, wait", [(150, 60), (30, 25), (5, 1), (2, 1)])
+def test_replicate_prefer_wait_is_shorter_than_the_timeout(server, client, timeout, wait):
+    """Replicate holds a `Prefer: wait` POST up to 60 s: ask for less than SAM_API_TIMEOUT, so the answer (and
+    with it the prediction's cancel URL) always arrives before Mask Studio gives up."""
+    output = {"individual_masks": [f"{server.url}/d/0.png"]}
+    server.add("POST", "/p", Reply(json=prediction(server, "succeeded", output=output)))
+    server.add("GET", "/d/0.png", Reply(body=png(MID)))
+    seg = client(sam_api_url=server.url + "/p", sam_api_protocol="replicate", sam_api_timeout=timeout)
+    assert len(seg.generate(make_image())) == 1
+    assert server.requests_to("POST", "/p")[0].headers["Prefer"] == f"wait={wait}"
+
+
+def test_replicate_cancel_while_the_prediction_is_being_created_still_cancels_it(server, client):
+    """The person leaves while the creating POST is held: its answer is still read, and the prediction cancelled."""
+    server.add("POST", "/p", Reply(201, json=prediction(server, "starting"), delay=1.0))
+    server.add("POST", "/v1/predictions/p1/cancel", Reply(json=prediction(server, "canceled")))
+    cancel = threading.Event()
+    threading.Thread(target=lambda: server.wait_for("POST", "/p") and cancel.set()).start()
+    seg = client(sam_api_url=server.url + "/p", sam_api_protocol="replicate", sam_api_timeout=30)
+
+    with pytest.raises(SegmentationCancelled) as info:
+        seg.generate(make_image(), cancel=cancel)
+
+    assert "will ask the service to cancel it" in info.value.message  # not "cancelled": it has not happened yet
+    assert server.requests_to("POST", "/v1/predictions/p1/cancel") == []  # the POST is still held
+    (cancelled,) = server.wait_for("POST", "/v1/predictions/p1/cancel")
+    assert cancelled.headers["Authorization"] == f"Bearer {TOKEN}"
+    time.sleep(0.5)
+    assert len(server.requests_to("POST", "/v1/predictions/p1/cancel")) == 1
+    assert len(server.requests_to("POST", "/p")) == 1
+    assert server.requests_to("GET", "/v1/predictions/p1") == []  # no polling after the person left
+
+
+def test_replicate_cancel_message_says_the_cancel_is_being_asked_for(server, client):
+    server.add("POST", "/p", Reply(201, json=prediction(server, "processing")))
+    server.add("GET", "/v1/predictions/p1", *[Reply(json=prediction(server, "processing"))] * 200)
+    server.add("POST", "/v1/predictions/p1/cancel", Reply(json=prediction(server, "canceled")))
+    cancel = threading.Event()
+    threading.Thread(target=lambda: server.wait_for("GET", "/v1/predictions/p1") and cancel.set()).start()
+    with pytest.raises(SegmentationCancelled, match="asking the service to cancel the prediction"):
+        client(sam_api_url=server.url + "/p", sam_api_protocol="replicate").generate(make_image(), cancel=cancel)
+    assert len(server.wait_for("POST", "/v1/predictions/p1/cancel")) == 1
+
+
+def test_mask_studio_cancel_claims_nothing_more(server, client):
+    server.add("POST", "/segment", Reply(json={"masks": []}, delay=2))
+    cancel = threading.Event()
+    threading.Thread(target=lambda: server.wait_for("POST", "/segment") and cancel.set()).start()
+    with pytest.raises(SegmentationCancelled) as info:
+        client(sam_api_timeout=30).generate(make_image(), cancel=cancel)
+    assert info.value.message == "Segmentation cancelled."
+
+
+def other_host(server, path: str) -> str:
+    return f"http://localhost:{server.port}{path}"
+
+
+@pytest.mark.parametrize(
+    "urls, message, cancelled",
+    [
+        ({"get": "https://evil.example/v1/predictions/p1"}, "urls.get .* points to evil.example", True),
+        ({"get": "ftp://127.0.0.1/v1/predictions/p1"}, "urls.get .* is not http or https", True),
+        ({"get": "http://[::1/p1"}, r"urls.get 'http://\[::1/p1' that is not a valid URL", True),
+        ({"get": "http://127.0.0.1:99999/p1"}, r"urls.get .* is not a valid URL \(Port out of range", True),
+        ({"get": 42}, "gives no urls.get to follow", True),
+        ({"cancel": "https://evil.example/v1/predictions/p1/cancel"}, "urls.cancel .* points to evil.example", False),
+        ({"cancel": "http://[::1/c"}, "urls.cancel .* is not a valid URL", False),
+        ({"get": "LOCALHOST"}, "urls.get .* points to localhost", True),
+    ],
+    ids=["get-host", "get-scheme", "get-ipv6", "get-port", "get-number", "cancel-host", "cancel-ipv6", "get-other"],
+)
+def test_replicate_urls_must_stay_on_allowed_hosts(server, client, urls, message, cancelled):
+    """urls.get / urls.cancel are followed only to the service's origin or a host allowed for mask URLs."""
+    body = prediction(server, "processing")
+    for key, value in urls.items():
+        body["urls"][key] = other_host(server, "/v1/predictions/p1") if value == "LOCALHOST" else value
+    server.add("POST", "/p", Reply(201, json=body))
+    server.add("POST", "/v1/predictions/p1/cancel", Reply(json=prediction(server, "canceled")))
+    with pytest.raises(SegmentationBadResponse, match=message) as info:
+        client(sam_api_url=server.url + "/p", sam_api_protocol="replicate").generate(make_image())
+    assert server.requests_to("GET", "/v1/predictions/p1") == []
+    if cancelled:  # the valid cancel URL is still used, so the prediction stops being billed
+        assert len(server.wait_for("POST", "/v1/predictions/p1/cancel")) == 1
+    else:
+        assert "may still be running" in info.value.message
+        assert server.requests_to("POST", "/v1/predictions/p1/cancel") == []
+
+
+def test_replicate_urls_on_a_host_allowed_for_masks_are_followed(server, client):
+    body = prediction(server, "processing")
+    body["urls"] = {"get": other_host(server, "/v1/predictions/p1"), "cancel": other_host(server, "/c")}
+    output = {"individual_masks": [other_host(server, "/d/0.png")]}
+    server.add("POST", "/p", Reply(201, json=body))
+    server.add("GET", "/v1/predictions/p1", Reply(json=prediction(server, "succeeded", output=output)))
+    server.add("GET", "/d/0.png", Reply(body=png(MID)))
+    seg = client(sam_api_url=server.url + "/p", sam_api_protocol="replicate", sam_mask_url_hosts=("localhost",))
+    (record,) = seg.generate(make_image())
+    np.testing.assert_array_equal(rle.decode(record["segmentation"]), MID)
+    assert "Authorization" not in server.requests_to("GET", "/v1/predictions/p1")[0].headers  # another origin
 
 
 def test_cancel_already_set_sends_nothing(server, client):
@@ -762,6 +982,70 @@ def test_credentials_in_the_url_become_a_header_and_are_never_shown(server, capl
             seg.generate(make_image())
     assert server.requests[0].headers["Authorization"].startswith("Basic ")
     assert_no_token(caplog, info.value)
+
+
+@pytest.mark.parametrize("httpx_level", [None, logging.INFO, logging.DEBUG], ids=["default", "info", "debug"])
+def test_a_key_in_the_url_query_never_reaches_the_logs(server, client, caplog, httpx_level):
+    """The app logs at INFO, and httpx logs every request URL at INFO: a key in SAM_API_URL must not follow."""
+    key = "qs-SECRET-key-987"
+    caplog.set_level(logging.INFO)
+    if httpx_level is not None:  # someone turned httpx's own logging up: the URLs it logs are redacted
+        caplog.set_level(httpx_level, logger="httpx")
+    server.add("GET", "/files/m.png", Reply(body=png(MID)))
+    server.add(
+        "POST",
+        "/segment",
+        Reply(json={"masks": [{"mask_url": f"/files/m.png?api_key={key}"}]}),
+        Reply(404),
+    )
+    seg = client(sam_api_url=f"{server.url}?api_key={key}")
+    assert len(seg.generate(make_image())) == 1
+    with pytest.raises(SegmentationEndpointNotFound) as info:
+        seg.generate(make_image())
+    assert server.requests_to("GET", "/files/m.png")  # the query was sent, only not logged
+    if httpx_level is not None:
+        assert "HTTP Request: POST" in caplog.text  # httpx did log: redacted
+    assert key not in caplog.text and "api_key" not in caplog.text
+    for record in caplog.records:
+        assert key not in record.getMessage()
+    assert key not in str(info.value)
+    assert_no_token(caplog, info.value)
+
+
+@pytest.mark.parametrize("token", [None, TOKEN], ids=["url-credentials", "token-and-url-credentials"])
+def test_a_raw_password_in_the_url_is_never_shown(server, caplog, token):
+    password = "hunter2-raw-pass"
+    caplog.set_level(logging.DEBUG)
+    url = server.url.replace("http://", f"http://user:{password}@")
+    echo = {"detail": f"user 'user' with password {password} may not segment"}
+    server.add("POST", "/segment", Reply(401, json=echo), Reply(422, json=echo))
+    with HttpSegmenter(Settings(sam_api_url=url, sam_api_token=token, sam_api_retries=0)) as seg:
+        assert password not in seg.engine and seg.engine == f"SAM2 service at {server.url}"
+        with pytest.raises(SegmentationAuthError) as auth:
+            seg.generate(make_image())
+        with pytest.raises(SegmentationRejected) as rejected:
+            seg.generate(make_image())
+    for exc in (auth.value, rejected.value):
+        assert password not in "".join(traceback.format_exception(exc))
+        assert "password ***" in exc.message
+    assert password not in caplog.text
+    assert_no_token(caplog)
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        (
+            "ftp://user:hunter2-raw-pass@sam2.example/x",
+            "must be an http:// or https:// address; got 'ftp://sam2.example/x'",
+        ),
+        ("http://user:hunter2-raw-pass@sam2.example:99999/x", r"is not a valid URL \(Port out of range"),
+    ],
+)
+def test_a_bad_sam_api_url_is_a_clear_configuration_error(url, message):
+    with pytest.raises(InvalidInput, match=message) as info:
+        HttpSegmenter(Settings(sam_api_url=url))
+    assert "hunter2" not in str(info.value) and info.value.title == "Configuration error"
 
 
 def test_make_segmenter_picks_the_http_client_when_a_url_is_set(server):
