@@ -220,6 +220,9 @@ class HttpSegmenter:
         _quiet_http_logs()
         self._settings = settings
         self._protocol = settings.sam_api_protocol
+        # cog / replicate only segment automatically: a prompt is answered by picking among automatic masks,
+        # so masks this service already made (and the studio stored) answer it without another paid call.
+        self.prompts_natively = self._protocol == "mask-studio"
         self._token = settings.sam_api_token
         self._auth: dict[str, str] = {}
         secrets = [self._token or ""]

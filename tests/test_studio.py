@@ -213,3 +213,25 @@ def test_previews_count_per_client_address_too(tmp_path, photo):
     with pytest.raises(LimitExceeded, match="network address"):
         # Another owner from the same address: the address has used its 2 segmentations.
         studio.allow_segmentation("bob", "10.0.0.1")
+
+
+class AutomaticOnlySegmenter(RecordsSegmenter):
+    """Like a cog / replicate service: cannot take prompts, so each prompt would cost a full prediction."""
+
+    prompts_natively = False
+
+    def segment(self, image, **kw):
+        self.calls += 1
+        return super().segment(image, **kw)
+
+
+def test_prompts_on_a_stored_image_reuse_the_services_masks(tmp_path, photo):
+    segmenter = AutomaticOnlySegmenter(house_masks)
+    studio = make_studio(tmp_path, segmenter)
+    studio.generate_and_store(encode(photo), image_id="house")
+    assert segmenter.calls == 1  # the one paid automatic prediction
+    preview = studio.preview_object("house", [[38, 60]], [1], "local")
+    out = studio.segment_object(image_id="house", points=[[38, 60], [5, 90]], point_labels=[1, 0])
+    assert segmenter.calls == 1  # answered from the stored masks: no second call
+    assert studio.load("house", "local").index.mask(out["mask_id"])[60, 38]
+    assert preview["segmentation"]["size"] == [H, W]
