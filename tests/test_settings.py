@@ -89,3 +89,15 @@ def test_credentials_in_the_service_url_are_never_shown():
     s = Settings.from_env({"SAM_API_URL": "https://user:s3cret@sam.example:8443/v1?api_key=k3y"}, dotenv_path=None)
     assert s.engine_name == "SAM2 service at https://sam.example:8443/v1"
     assert "s3cret" not in repr(s) and "k3y" not in repr(s)
+
+
+def test_every_setting_is_documented_in_the_readme_and_env_example():
+    """Each variable settings.py reads appears in the README's table and in .env.example (or as its alias)."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    source = (root / "settings.py").read_text()
+    names = set(re.findall(r'"([A-Z][A-Z0-9_]{2,})"', source.split("def _parse", 1)[1])) - {"SPACE_ID"}
+    readme, example = (root / "README.md").read_text(), (root / ".env.example").read_text()
+    missing = sorted(n for n in names if f"`{n}`" not in readme or n not in example)
+    assert not missing, f"not documented in README.md and .env.example: {missing}"
