@@ -59,6 +59,32 @@ def test_every_endpoint_is_public_and_named(client):
     ]
 
 
+CONTRACT = {
+    "/generate_and_store_masks": [("image", None), ("image_id", None), ("original_image_b64", None)],
+    "/render_masks": [("image_id",), ("render_instructions",), ("background", "original")],
+    "/image_info": [("image_id",)],
+    "/list_images": [],
+    "/mask_at_point": [("image_id",), ("x",), ("y",)],
+    "/delete_image": [("image_id",)],
+    "/get_mask": [("image_id",), ("mask_id",)],
+    "/export_coco": [("image_id",), ("mask_ids", None)],
+    "/segment": [("image", None), ("image_id", None), ("points", None), ("point_labels", None), ("box", None)],
+    "/retry_uploads": [],
+    "/share_render": [("image_id",), ("render_instructions",), ("background", "original")],
+}
+
+
+@pytest.mark.parametrize("endpoint", list(CONTRACT))
+def test_each_endpoint_has_its_parameter_names_order_and_defaults(client, endpoint):
+    """The contract scripts rely on: (name,) is required, (name, default) is optional with that default."""
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"][endpoint]["parameters"]
+    got = [
+        (p["parameter_name"], p["parameter_default"]) if p["parameter_has_default"] else (p["parameter_name"],)
+        for p in params
+    ]
+    assert got == CONTRACT[endpoint]
+
+
 def test_generate_and_store(house):
     assert house["image_id"] == "house"
     assert house["mask_count"] == 4 and house["mask_ids"] == [0, 1, 2, 3]
@@ -166,3 +192,22 @@ def test_delete_image(client, house_photo):
     }
     assert "No image with id 'doomed'" in error_of(lambda: client.predict("doomed", api_name="/image_info"))
     assert all(i["image_id"] != "doomed" for i in client.predict(api_name="/list_images"))
+
+
+def test_list_is_newest_first_with_every_field(client, house, house_photo):
+    """Two uploads in the same second still list the later one first."""
+    ids = ["zz-uploaded-first", "aa-uploaded-second"]  # the other way round alphabetically
+    for image_id in ids:
+        client.predict(handle_file(house_photo), image_id, api_name="/generate_and_store_masks")
+    listed = client.predict(api_name="/list_images")
+    assert [i["image_id"] for i in listed][:2] == ids[::-1]
+    assert set(listed[0]) == {"image_id", "width", "height", "created_at", "mask_count"}
+    info = client.predict("zz-uploaded-first", api_name="/image_info")
+    assert info["engine"] == "fixed test segmenter" and info["created_at"] == listed[1]["created_at"]
+    hit = client.predict("zz-uploaded-first", 38, 60, api_name="/mask_at_point")
+    window = next(m for m in info["available_masks"] if m["id"] == hit["mask_id"])
+    assert (hit["area"], hit["bbox"]) == (window["area"], window["bbox"])
+    coco = client.predict("zz-uploaded-first", None, api_name="/export_coco")
+    assert {a["iscrowd"] for a in coco["annotations"]} == {1} and coco["categories"][0]["id"] == 1
+    for image_id in ids:
+        client.predict(image_id, api_name="/delete_image")
