@@ -2,6 +2,7 @@
 
 import base64
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -211,3 +212,41 @@ def test_list_is_newest_first_with_every_field(client, house, house_photo):
     assert {a["iscrowd"] for a in coco["annotations"]} == {1} and coco["categories"][0]["id"] == 1
     for image_id in ids:
         client.predict(image_id, api_name="/delete_image")
+
+
+class HeldSegmenter(RecordsSegmenter):
+    """Holds every segmentation until released: a slow SAM2 service, without timing anything."""
+
+    def __init__(self, masks_for_shape):
+        super().__init__(masks_for_shape)
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def generate(self, image, *, progress=None, cancel=None):
+        self.started.set()
+        assert self.release.wait(60)
+        return super().generate(image, progress=progress, cancel=cancel)
+
+
+def test_a_running_segmentation_does_not_hold_up_other_peoples_lookups(tmp_path, house_photo):
+    segmenter = HeldSegmenter(house_masks)
+    segmenter.release.set()
+    with running_app(tmp_path / "data", segmenter) as (url, *_):
+        one, two = Client(url, verbose=False), Client(url, verbose=False)
+        one.predict(handle_file(house_photo), "ready", api_name="/generate_and_store_masks")
+        segmenter.release.clear()
+        held = one.submit(handle_file(house_photo), "held", api_name="/generate_and_store_masks")
+        assert segmenter.started.wait(30)
+        # While that segmentation runs, another client's lookups, renders and reads are answered.
+        jobs = [
+            two.submit("ready", 38, 60, api_name="/mask_at_point"),
+            two.submit("ready", [{"mask_id": 0, "color": "#ff0000"}], "original", api_name="/render_masks"),
+            two.submit("ready", api_name="/image_info"),
+        ]
+        try:
+            assert jobs[0].result(timeout=30)["mask_id"] is not None
+            assert jobs[1].result(timeout=30).endswith(".png")
+            assert jobs[2].result(timeout=30)["mask_count"] == 4
+            assert not held.done()
+        finally:
+            segmenter.release.set()
+        assert held.result(timeout=30)["image_id"] == "held"
