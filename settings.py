@@ -15,6 +15,10 @@ from urllib.parse import urlsplit, urlunsplit
 from errors import InvalidInput
 
 ENGINE_BUILTIN = "built-in classical segmenter (offline)"
+# On a Hugging Face Space, where anyone can reach the app, stored images are limited unless told otherwise.
+# (Not segmentations: behind the Space's proxy every visitor has the proxy's address, so a default per-address
+# limit would be one limit shared by everyone.)
+SPACE_IMAGES = 50
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,13 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str 
     return raw.lower()
 
 
+def _space_default(env: Mapping[str, str], value, on_space):
+    """The value as set; unset, `on_space` on a Hugging Face Space (SPACE_ID) and the class default elsewhere."""
+    if value is not None:
+        return value
+    return on_space if _get(env, "SPACE_ID") else None
+
+
 def _parse(env: Mapping[str, str]) -> dict:
     out: dict = {
         "host": _get(env, "HOST", "GRADIO_SERVER_NAME"),
@@ -184,8 +195,9 @@ def _parse(env: Mapping[str, str]) -> dict:
         "auth_mode": _choice(env, "AUTH_MODE", ("open", "keys")) or ("keys" if _get(env, "SPACE_ID") else None),
         "app_api_keys": _api_keys(_get(env, "APP_API_KEYS")) or None,
         "admin_api_key": _get(env, "ADMIN_API_KEY"),
+        # A public Space limits stored images unless told otherwise (0 turns it off there too).
         "segment_rate_limit": _number(env, int, ("SEGMENT_RATE_LIMIT",), 0),
-        "max_images_per_owner": _number(env, int, ("MAX_IMAGES_PER_OWNER",), 0),
+        "max_images_per_owner": _space_default(env, _number(env, int, ("MAX_IMAGES_PER_OWNER",), 0), SPACE_IMAGES),
         "retention_days": _number(env, float, ("RETENTION_DAYS",), 0),
         # HF_LOGIN as set wins (false turns the button off on a Space too); unset: on by itself on a Space.
         "hf_login": _bool(_get(env, "HF_LOGIN")) if _get(env, "HF_LOGIN") else bool(_get(env, "SPACE_ID")) or None,

@@ -38,6 +38,9 @@ def test_old_names_and_aliases():
 def test_space_defaults_to_per_owner_data():
     s = Settings.from_env({"SPACE_ID": "me/mask-studio"}, dotenv_path=None)
     assert s.auth_mode == "keys" and s.hf_login
+    assert s.max_images_per_owner == 50  # limited unless told otherwise
+    assert Settings.from_env({"SPACE_ID": "x", "MAX_IMAGES_PER_OWNER": "0"}, None).max_images_per_owner == 0
+    assert Settings.from_env({}, None).max_images_per_owner == 0
     assert Settings.from_env({"SPACE_ID": "x", "AUTH_MODE": "open"}, None).auth_mode == "open"
 
 
