@@ -5,6 +5,11 @@ new mask keys, uploading masks (keeping their DB rows' keys, URLs and upload sta
 uploading originals, retrying what stayed pending, sharing a rendered PNG, mask URLs, and deleting
 an image's objects. It knows nothing of the studio's cache: it is told how to load an image and
 tells the studio (`on_change`) which image's mask rows it has changed.
+
+Deleting is driven by the `s3_deletions` table: Database.delete_image records an image's keys in the
+same transaction as the delete, and they are forgotten only once S3 has deleted them, so an outage or
+a crash in between never leaves objects behind for good (`flush_deletions` runs with every retry and
+retention sweep). An upload that lands after its image was deleted is deleted too.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import imaging
 import masks as rle
 import render
 from errors import NotFound, StorageError
-from s3_store import S3BlobStore, UploadReport
+from s3_store import DELETE_BATCH, S3BlobStore, UploadReport
 from sam2_client import Progress
 from settings import Settings
 from storage import Database, MaskRow
@@ -67,6 +72,19 @@ class MaskPublisher:
             return None
         return self.s3.url_for(m.s3_key)
 
+    def mask_urls(self, image_id: str, mask_ids: list[int]) -> list[str | None]:
+        """The URLs of an image's masks, in the order given (None: not uploaded, or no such mask any more)."""
+        by_id = {m.mask_id: m for m in self.db.masks(image_id)}
+        return [self.mask_url(by_id[i]) if i in by_id else None for i in mask_ids]
+
+    @staticmethod
+    def summary(report: UploadReport) -> dict:
+        """The API's `"s3"`: {"uploaded", "failed"}, plus "error" (one reason a person can act on) on failure."""
+        out: dict = report.counts()
+        if report.failed:
+            out["error"] = report.stopped or next(iter(report.failed.values()))
+        return out
+
     def publish_new(
         self,
         image_id: str,
@@ -77,12 +95,10 @@ class MaskPublisher:
     ) -> dict:
         """Upload a new image's masks (and its original, when configured); the API's `"s3"` summary."""
         report = self.upload_masks(image_id, index, rows, progress)
-        summary: dict = report.counts()
-        if report.failed:  # one reason is enough for a person to act on
-            summary["error"] = next(iter(report.failed.values()))
         if self.settings.s3_upload_originals:
-            self.upload_original(image_id, rgb)
-        return summary
+            # After a batch that stopped (S3 down or hung) the original is only recorded, for the retry.
+            self.upload_original(image_id, rgb, attempt=not report.stopped)
+        return self.summary(report)
 
     def upload_masks(
         self, image_id: str, index: render.MaskIndex, rows: list[MaskRow], progress: Progress | None = None
@@ -118,25 +134,43 @@ class MaskPublisher:
                 total,
                 image_id,
             )
+        if report.uploaded and not self.db.image_exists(image_id):
+            self._discard(image_id, list(report.uploaded))  # the image was deleted while they were uploading
         self.on_change(image_id)
         return report
 
-    def upload_original(self, image_id: str, rgb: np.ndarray) -> None:
-        """Upload the image itself; it stays pending (retried later) if the upload fails."""
+    def upload_original(self, image_id: str, rgb: np.ndarray, attempt: bool = True) -> None:
+        """Upload the image itself; it stays pending (retried later) if the upload fails or is not attempted."""
         key = self.s3.new_key(".png")
-        self.db.add_object(image_id, key, "original", "pending")
-        report = self.s3.upload_many([(key, imaging.encode_png(rgb))], content_type="image/png")
-        if report.ok:
-            self.db.set_object_state(key, "uploaded")
+        try:
+            self.db.add_object(image_id, key, "original", "pending")
+        except NotFound:
+            return  # deleted meanwhile: nothing to upload
+        if attempt:
+            self._upload_object(image_id, key, imaging.encode_png(rgb))
+
+    def _upload_object(self, image_id: str, key: str, data: bytes) -> str | None:
+        """Upload one recorded object (an original) and mark it uploaded; the reason it failed, or None."""
+        report = self.s3.upload_many([(key, data)], content_type="image/png")
+        if not report.ok:
+            return report.failed[key]
+        self.db.set_object_state(key, "uploaded")
+        if not self.db.image_exists(image_id):
+            self._discard(image_id, [key])
+        return None
 
     def retry(self, owner: str | None, load: Callable[[str], Pixels]) -> dict:
-        """Upload the owner's pending masks (all owners': also pending objects); `load` gives an image's pixels."""
-        pending = self.db.pending_uploads(owner)
+        """Upload the owner's pending masks and originals and delete the objects of their deleted images
+        (owner None: everyone's); `load` gives an image's pixels."""
         by_image: dict[str, list[MaskRow]] = {}
-        for m in pending:
+        for m in self.db.pending_uploads(owner):
             by_image.setdefault(m.image_id, []).append(m)
         uploaded = failed = 0
+        stopped = reason = ""
         for image_id, rows in by_image.items():
+            if stopped:  # S3 is down or hung: the rest waits for the next retry, without paying for it
+                failed += len(rows)
+                continue
             try:
                 loaded = load(image_id)
             except NotFound:
@@ -144,42 +178,100 @@ class MaskPublisher:
             report = self.upload_masks(image_id, loaded.index, rows)
             uploaded += report.n_uploaded
             failed += report.n_failed
-        if owner is None:
-            for key, image_id, _kind in self.db.pending_objects():
-                try:
-                    rgb = load(image_id).rgb
-                except NotFound:
-                    continue
-                if self.s3.upload_many([(key, imaging.encode_png(rgb))], content_type="image/png").ok:
-                    self.db.set_object_state(key, "uploaded")
-                    uploaded += 1
-                else:
-                    failed += 1
+            stopped = report.stopped
+            reason = reason or self.summary(report).get("error", "")
+        for key, image_id, kind in self.db.pending_objects(owner):
+            if kind != "original":
+                # A shared render whose upload failed or was cut short: its pixels are not kept anywhere,
+                # so it is dropped (its key deleted from S3), never filled with something else.
+                self.db.drop_object(key)
+                continue
+            if stopped:
+                failed += 1
+                continue
+            try:
+                rgb = load(image_id).rgb
+            except NotFound:
+                continue
+            why = self._upload_object(image_id, key, imaging.encode_png(rgb))
+            if why is None:
+                uploaded += 1
+            else:
+                failed += 1
+                reason = reason or why
+        deleted, why = self.flush_deletions(owner) if not stopped else (0, "")
         message = (
             f"Uploaded {uploaded} pending object(s) to S3."
             if not failed
             else f"Uploaded {uploaded} pending object(s); {failed} still failed and stay pending."
         )
-        return {"message": message, "uploaded": uploaded, "failed": failed}
+        if deleted:
+            message += f" Deleted {deleted} object(s) of deleted images."
+        if why:
+            message += " Some objects of deleted images could not be deleted yet; they are tried again later."
+        result: dict = {"message": message, "uploaded": uploaded, "failed": failed, "deleted": deleted}
+        if reason or why:
+            result["error"] = reason or why
+        return result
 
     def share(self, image_id: str, rgba: np.ndarray) -> dict:
-        """Upload a rendered composite and return its URL."""
+        """Upload a rendered composite and return its URL; StorageError (and nothing left pending) on failure."""
         key = self.s3.new_key(".png")
-        self.db.add_object(image_id, key, "render", "pending")
-        self.s3.put(key, imaging.encode_png(rgba), "image/png")
+        self.db.add_object(image_id, key, "render", "pending")  # recorded first: a crash cannot orphan it
+        try:
+            self.s3.put(key, imaging.encode_png(rgba), "image/png")
+        except (StorageError, NotFound) as exc:
+            # Nothing to retry (the render is not kept): forget it, and delete whatever may have landed.
+            self.db.drop_object(key)
+            raise StorageError(f"Could not upload the render to S3: {exc.message}") from exc
         self.db.set_object_state(key, "uploaded")
+        if not self.db.image_exists(image_id):
+            self._discard(image_id, [key])
+            raise NotFound(f"Image {image_id!r} was deleted while its render was being shared.")
         return {"image_id": image_id, "url": self.s3.url_for(key), "key": key}
 
-    def keys_of(self, image_id: str) -> list[str]:
-        """Every object key of an image (masks, original, shared renders): read before its rows go."""
-        keys = [m.s3_key for m in self.db.masks(image_id) if m.s3_key]
-        return keys + [key for key, _, _ in self.db.objects(image_id)]
-
-    def delete_objects(self, image_id: str, keys: list[str]) -> None:
-        """Delete an image's objects; a failure is logged, not raised (the image itself is already gone)."""
+    def delete_now(self, image_id: str, keys: list[str]) -> bool:
+        """Delete objects whose keys are recorded in `s3_deletions`, then forget them; a failure is logged,
+        not raised (the image itself is already gone), and the keys wait for the next retry or sweep."""
         if not keys:
-            return
+            return True
         try:
             self.s3.delete_many(keys)
         except StorageError as exc:
-            log.warning("S3: could not delete the objects of %s: %s", image_id, exc.message)
+            log.warning(
+                "S3: could not delete the %d object(s) of %s yet (they are deleted at the next retry): %s",
+                len(keys),
+                image_id,
+                exc.message,
+            )
+            return False
+        self.db.forget_s3_deletions(keys)
+        return True
+
+    def _discard(self, image_id: str, keys: list[str]) -> None:
+        """Objects that landed after their image was deleted: record them, then delete them."""
+        log.info("S3: %s was deleted while %d object(s) were uploading; deleting them.", image_id, len(keys))
+        self.db.record_s3_deletions(keys)
+        self.delete_now(image_id, keys)
+
+    def flush_deletions(self, owner: str | None = None) -> tuple[int, str]:
+        """Delete the recorded objects of deleted images (one owner's, or everyone's).
+
+        Returns (how many were deleted, the reason the rest could not be, or "").
+        """
+        keys = self.db.s3_deletions(owner)
+        done = 0
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            try:
+                self.s3.delete_many(batch)
+            except StorageError as exc:
+                log.warning(
+                    "S3: %d object(s) of deleted images could not be deleted yet: %s", len(keys) - done, exc.message
+                )
+                return done, exc.message
+            self.db.forget_s3_deletions(batch)
+            done += len(batch)
+        if done:
+            log.info("S3: deleted %d object(s) of deleted images.", done)
+        return done, ""

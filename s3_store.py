@@ -3,8 +3,9 @@
 `make_s3_client` is the one place a boto3 client is built; `S3BlobStore` implements storage.BlobStore
 plus what the app needs around S3: URLs (public or presigned), unique mask keys, batched deletes, a
 start-up check that never raises, and `upload_many`, a bounded concurrent upload that reports each item
-as uploaded or failed and never raises for a per-item failure. botocore errors are translated here, once,
-into StorageError with a sentence a person can act on; no message or log line carries credentials.
+as uploaded or failed, never raises for a per-item failure, and stops early once S3 is plainly down or
+hung. botocore errors are translated here, once, into StorageError with a sentence a person can act on;
+no message or log line carries credentials.
 """
 
 from __future__ import annotations
@@ -35,10 +36,20 @@ UPLOAD_WORKERS = 8
 DELETE_BATCH = 1000  # DeleteObjects' limit per request
 SMALL_BODY = 1024 * 1024  # below this, waiting for "100 Continue" costs more than resending would
 URL_MODES = ("public", "presigned")
+# Per request: a few seconds to connect, ~10 s for an answer, one retry. A mask PNG is tens of KB, so a
+# slower answer means a hung endpoint, and upload_many stops after STOP_AFTER_HANGS of those in a row.
+CONNECT_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 10.0
+MAX_ATTEMPTS = 2
+STOP_AFTER_HANGS = 2
 
 
 class S3Unavailable(StorageError):
     """The bucket cannot be used at all right now (credentials, permission, bucket, endpoint): retry later."""
+
+
+class S3Unresponsive(StorageError):
+    """The endpoint took the request but did not answer in time, or the connection broke: maybe hung."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,9 +62,9 @@ def make_s3_client(
     session: boto3.session.Session | None = None,
     *,
     max_pool_connections: int = UPLOAD_WORKERS,
-    connect_timeout: float = 5.0,
-    read_timeout: float = 30.0,
-    max_attempts: int = 3,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+    read_timeout: float = READ_TIMEOUT_S,
+    max_attempts: int = MAX_ATTEMPTS,
 ) -> Any:
     """The one boto3 S3 client factory: honours S3_ENDPOINT_URL and AWS_REGION; credentials from boto3's chain."""
     import boto3
@@ -183,11 +194,11 @@ def translate_error(
     if isinstance(exc, bex.ConnectTimeoutError):
         return S3Unavailable(f"{where_} did not accept a connection in time (trying to {action}): is it reachable?")
     if isinstance(exc, bex.ReadTimeoutError):
-        return StorageError(f"{where_} did not answer in time while trying to {action}.")
+        return S3Unresponsive(f"{where_} did not answer in time while trying to {action}.")
     if isinstance(exc, bex.EndpointConnectionError):
         return S3Unavailable(f"Could not connect to {where} to {action}: is it running and reachable?")
     if isinstance(exc, (bex.ConnectionClosedError, bex.ResponseStreamingError, bex.HTTPClientError)):
-        return StorageError(f"The connection to {where} broke while trying to {action}.")
+        return S3Unresponsive(f"The connection to {where} broke while trying to {action}.")
     if isinstance(exc, bex.NoRegionError):
         return S3Unavailable("No AWS region is set: set AWS_REGION.")
     if isinstance(exc, bex.InvalidRegionError):
@@ -212,6 +223,7 @@ class UploadReport:
 
     uploaded: tuple[str, ...] = ()
     failed: dict[str, str] = field(default_factory=dict)  # key → reason
+    stopped: str = ""  # why the batch stopped early (S3 unusable or hung), or "" if every item was tried
 
     @property
     def n_uploaded(self) -> int:
@@ -420,31 +432,56 @@ class S3BlobStore:
         """Upload (key, bytes) items on a bounded pool; every item ends uploaded or failed, nothing raises.
 
         content_type None guesses from each key's extension. Once a failure shows the whole bucket is
-        unusable (credentials, permission, missing bucket, endpoint down), the items not yet started are
-        marked failed with that reason instead of each paying for the same error. `progress(done, total)`
-        is called from the calling thread.
+        unusable (credentials, permission, missing bucket, endpoint down), or STOP_AFTER_HANGS uploads in
+        a row found the endpoint hung (no answer in time, broken connections), the items not yet started
+        are marked failed with that reason instead of each paying for the same error (or timeout); the
+        report's `stopped` says why. `progress(done, total)` is called from the calling thread.
         """
         items = list(items)
         keys = [k for k, _ in items]
         if len(set(keys)) != len(keys):
             raise InvalidInput("upload_many was given the same key twice: each object needs its own key.")
         total = len(items)
-        stop = threading.Event()
         stop_reason: list[str] = []
+        state = threading.Condition()
+        hangs = 0  # uploads in a row (since the last success) that found the endpoint hung
+        in_flight = 0
+
+        def settle(outcome: str, reason: str = "") -> None:
+            """Count an upload's outcome ("ok", "hung", "down" or "failed"); maybe stop the batch."""
+            nonlocal hangs, in_flight
+            with state:
+                in_flight -= 1
+                hangs = 0 if outcome == "ok" else hangs + 1 if outcome == "hung" else hangs
+                if not stop_reason and (outcome == "down" or hangs >= STOP_AFTER_HANGS):
+                    stop_reason.append(reason)
+                state.notify_all()
 
         def upload(key: str, data: bytes) -> str | None:
-            if stop.is_set():
-                return f"Not attempted (an earlier upload failed): {stop_reason[0]}"
+            nonlocal in_flight
+            with state:
+                # After a hang, start nothing new while the uploads in flight show whether S3 is hung.
+                while hangs and in_flight and not stop_reason:
+                    state.wait()
+                if stop_reason:
+                    return f"Not attempted (an earlier upload failed): {stop_reason[0]}"
+                in_flight += 1
             ctype = content_type or mimetypes.guess_type(key)[0] or "application/octet-stream"
             try:
                 self.put(key, data, ctype)
             except S3Unavailable as exc:
-                if not stop.is_set():
-                    stop_reason.append(exc.message)
-                    stop.set()
+                settle("down", exc.message)
+                return exc.message
+            except S3Unresponsive as exc:
+                settle("hung", exc.message)
                 return exc.message
             except StorageError as exc:
+                settle("failed")
                 return exc.message
+            except BaseException:
+                settle("failed")
+                raise
+            settle("ok")
             return None
 
         failed: dict[str, str] = {}
@@ -466,7 +503,11 @@ class S3BlobStore:
                     done += 1
                     if progress is not None:
                         progress(done, total)
-        report = UploadReport(tuple(k for k in keys if k not in failed), {k: failed[k] for k in keys if k in failed})
+        report = UploadReport(
+            tuple(k for k in keys if k not in failed),
+            {k: failed[k] for k in keys if k in failed},
+            stop_reason[0] if stop_reason else "",
+        )
         _log_failures(report, self.bucket)
         return report
 

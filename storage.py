@@ -187,6 +187,10 @@ CREATE TABLE IF NOT EXISTS objects (
     upload_state TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS objects_image ON objects(image_id);
+CREATE TABLE IF NOT EXISTS s3_deletions (
+    key TEXT PRIMARY KEY,
+    owner TEXT
+);
 """
 
 _IMAGE_COLS = "id, owner, width, height, created_at, engine, mask_count, blob_key"
@@ -328,8 +332,33 @@ class Database:
         rows = self._q(f"SELECT {_IMAGE_COLS} FROM images WHERE created_at < ?", (created_before,))
         return [ImageRow(*r) for r in rows]
 
-    def delete_image(self, image_id: str) -> None:
-        self._write([("DELETE FROM images WHERE id = ?", (image_id,))])
+    def delete_image(self, image_id: str) -> list[str]:
+        """Delete the image, its masks and objects; returns its S3 keys, recorded in `s3_deletions`.
+
+        The keys are recorded in the same transaction as the delete, so a crash or an S3 outage
+        afterwards can never forget them: they stay recorded until forget_s3_deletions.
+        """
+        keys: list[str] = []
+        of_image = (
+            "SELECT s3_key FROM masks WHERE image_id = ? AND s3_key IS NOT NULL "
+            "UNION SELECT key FROM objects WHERE image_id = ?"
+        )
+
+        def collect(conn: sqlite3.Connection) -> None:
+            keys.extend(r[0] for r in conn.execute(of_image, (image_id, image_id)))
+
+        self._write(
+            [
+                (
+                    "INSERT OR IGNORE INTO s3_deletions (key, owner) "
+                    f"SELECT k.s3_key, (SELECT owner FROM images WHERE id = ?) FROM ({of_image}) k",
+                    (image_id, image_id, image_id),
+                ),
+                ("DELETE FROM images WHERE id = ?", (image_id,)),
+            ],
+            guard=collect,
+        )
+        return sorted(keys)
 
     def blob_keys(self) -> set[str]:
         return {r[0] for r in self._q("SELECT blob_key FROM images")}
@@ -382,13 +411,20 @@ class Database:
 
     # ---- other S3 objects of an image (original, shared renders) ------------------------------
     def add_object(self, image_id: str, key: str, kind: str, upload_state: str) -> None:
+        """Record an object of an image; NotFound when the image is gone (deleted meanwhile)."""
+
+        def image_exists(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone() is None:
+                raise NotFound(f"No image with id {image_id!r} (it was deleted).")
+
         self._write(
             [
                 (
                     "INSERT OR REPLACE INTO objects (key, image_id, kind, upload_state) VALUES (?,?,?,?)",
                     (key, image_id, kind, upload_state),
                 )
-            ]
+            ],
+            guard=image_exists,
         )
 
     def objects(self, image_id: str) -> list[tuple[str, str, str]]:
@@ -397,12 +433,51 @@ class Database:
             tuple(r) for r in self._q("SELECT key, kind, upload_state FROM objects WHERE image_id = ?", (image_id,))
         ]
 
-    def pending_objects(self) -> list[tuple[str, str, str]]:
-        """(key, image_id, kind) of objects whose upload has not succeeded yet."""
-        return [tuple(r) for r in self._q("SELECT key, image_id, kind FROM objects WHERE upload_state = 'pending'")]
+    def pending_objects(self, owner: str | None = None, limit: int = 10_000) -> list[tuple[str, str, str]]:
+        """(key, image_id, kind) of objects whose upload has not succeeded yet (of one owner's images, or all)."""
+        sql = (
+            "SELECT o.key, o.image_id, o.kind FROM objects o JOIN images i ON i.id = o.image_id "
+            "WHERE o.upload_state = 'pending'"
+        )
+        params: tuple = ()
+        if owner is not None:
+            sql += " AND i.owner = ?"
+            params = (owner,)
+        return [tuple(r) for r in self._q(sql + " LIMIT ?", params + (limit,))]
 
     def set_object_state(self, key: str, upload_state: str) -> None:
         self._write([("UPDATE objects SET upload_state = ? WHERE key = ?", (upload_state, key))])
+
+    def drop_object(self, key: str) -> None:
+        """Forget an object and record its key for deletion from S3 (in one transaction)."""
+        self._write(
+            [
+                (
+                    "INSERT OR IGNORE INTO s3_deletions (key, owner) "
+                    "SELECT o.key, i.owner FROM objects o JOIN images i ON i.id = o.image_id WHERE o.key = ?",
+                    (key,),
+                ),
+                ("DELETE FROM objects WHERE key = ?", (key,)),
+            ]
+        )
+
+    # ---- S3 objects to delete (of images already deleted) -------------------------------------
+    def record_s3_deletions(self, keys: Sequence[str], owner: str | None = None) -> None:
+        """Remember keys to delete from S3 (an owner of None: only an all-owners retry deletes them)."""
+        sql = "INSERT OR IGNORE INTO s3_deletions (key, owner) VALUES (?, ?)"
+        self._write(many=[(sql, [(k, owner) for k in keys])])
+
+    def s3_deletions(self, owner: str | None = None, limit: int = 10_000) -> list[str]:
+        """Keys still to delete from S3 (one owner's, or everyone's)."""
+        if owner is None:
+            rows = self._q("SELECT key FROM s3_deletions ORDER BY key LIMIT ?", (limit,))
+        else:
+            rows = self._q("SELECT key FROM s3_deletions WHERE owner = ? ORDER BY key LIMIT ?", (owner, limit))
+        return [r[0] for r in rows]
+
+    def forget_s3_deletions(self, keys: Sequence[str]) -> None:
+        """The keys are gone from S3."""
+        self._write(many=[("DELETE FROM s3_deletions WHERE key = ?", [(k,) for k in keys])])
 
     def integrity_ok(self) -> bool:
         return self._q("PRAGMA integrity_check")[0][0] == "ok"

@@ -28,6 +28,7 @@ from limits import RateLimiter, minutes_text
 from publish import MaskPublisher
 from s3_store import S3BlobStore
 from sam2_client import Progress, Segmenter
+from sam2_responses import pick_for_prompt
 from settings import Settings
 from storage import BlobStore, Database, ImageRow, MaskRow, check_image_id, new_image_id
 
@@ -36,6 +37,7 @@ log = logging.getLogger("mask_studio")
 DISPLAY_MAX_SIDE = 1024
 CACHE_BUDGET_BYTES = 1_500_000_000
 MAX_LIST = 1000
+MAX_VERSIONS = 100_000  # image versions remembered for the cache (then all reset at once, safely)
 
 
 @dataclass
@@ -123,6 +125,8 @@ class Studio:
         self._cache: OrderedDict[str, Loaded] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
+        self._versions: dict[str, int] = {}  # bumped by _forget: a build that saw an older one is not cached
+        self._epoch = 0
         self.segment_limiter = RateLimiter(settings.segment_rate_limit)
         # No bucket, no publisher: masks then have no URL and the S3 endpoints say S3 is not configured.
         self.publisher = MaskPublisher(s3, db, settings, on_change=self._forget) if s3 is not None else None
@@ -260,6 +264,11 @@ class Studio:
             "mask_count": len(mask_rows),
             "image_dimensions": {"width": w, "height": h},
             "mask_ids": [m.mask_id for m in mask_rows],
+            "mask_urls": (
+                self.publisher.mask_urls(image_id, [m.mask_id for m in mask_rows])
+                if self.publisher is not None
+                else [None] * len(mask_rows)
+            ),
             "engine": row.engine,
             "s3": s3,
         }
@@ -326,8 +335,15 @@ class Studio:
             display=display if display is not None else index,
         )
 
-    def _remember(self, loaded: Loaded) -> None:
+    def _version(self, image_id: str) -> tuple[int, int]:
+        """The image's version (call under _cache_lock): it changes whenever _forget runs for it."""
+        return self._epoch, self._versions.get(image_id, 0)
+
+    def _remember(self, loaded: Loaded, version: tuple[int, int] | None = None) -> None:
+        """Cache a built image; with `version` (read before its rows were), only if nothing changed since."""
         with self._cache_lock:
+            if version is not None and self._version(loaded.row.id) != version:
+                return  # its rows changed while it was built (e.g. an upload finished): the next load rebuilds
             self._cache[loaded.row.id] = loaded
             self._cache.move_to_end(loaded.row.id)
             total = sum(v.nbytes for v in self._cache.values())
@@ -336,8 +352,13 @@ class Studio:
                 total -= old.nbytes
 
     def _forget(self, image_id: str) -> None:
+        """The image's rows changed: drop its cached copy, and any build under way from older rows."""
         with self._cache_lock:
             self._cache.pop(image_id, None)
+            if len(self._versions) >= MAX_VERSIONS:
+                self._versions.clear()
+                self._epoch += 1  # every version read before this one is now stale
+            self._versions[image_id] = self._versions.get(image_id, 0) + 1
 
     def load(self, image_id: object, owner: str | None) -> Loaded:
         """The image, from the cache or rebuilt from storage; another owner's image is 'not found'."""
@@ -353,11 +374,13 @@ class Studio:
         with lock:  # one build per image, however many requests arrive at once
             with self._cache_lock:
                 hit = self._cache.get(image_id)
+                version = self._version(image_id)
             if hit is not None and hit.row.mask_count == row.mask_count:
                 return hit
+            row = self.db.get_image(image_id, owner)  # read after the version, like the mask rows
             rgb = imaging.decode_png(self.blobs.get(row.blob_key))
             loaded = self._build(row, rgb, self.db.masks(image_id))
-            self._remember(loaded)
+            self._remember(loaded, version)
             return loaded
 
     # ---- reading -----------------------------------------------------------------------------
@@ -491,16 +514,16 @@ class Studio:
         self._delete_row(row)
         return {"message": f"Image {row.id} and its {row.mask_count} masks were deleted.", "image_id": row.id}
 
-    def _delete_row(self, row: ImageRow) -> None:
-        # The row goes first, in one transaction: a crash right after it leaves only an orphaned blob,
-        # which cleanup_orphans removes at the next start. The other order could leave a listed image
-        # whose pixels are gone.
-        s3_keys = self.publisher.keys_of(row.id) if self.publisher is not None else []
-        self.db.delete_image(row.id)
+    def _delete_row(self, row: ImageRow, s3_now: bool = True) -> None:
+        # The row goes first, in one transaction that also records its S3 keys for deletion: a crash right
+        # after it leaves only an orphaned blob, which cleanup_orphans removes at the next start, and
+        # recorded keys, which the next retry or retention sweep deletes (as when S3 is unreachable now).
+        # The other order could leave a listed image whose pixels are gone.
+        s3_keys = self.db.delete_image(row.id)
         self._forget(row.id)
         self.blobs.delete(row.blob_key)
-        if self.publisher is not None:
-            self.publisher.delete_objects(row.id, s3_keys)
+        if self.publisher is not None and s3_now:
+            self.publisher.delete_now(row.id, s3_keys)
 
     def purge_expired(self, now: dt.datetime | None = None) -> int:
         """Delete images older than RETENTION_DAYS (with their blobs); returns how many."""
@@ -511,9 +534,11 @@ class Studio:
         cutoff = (now - dt.timedelta(days=days)).isoformat(timespec="seconds")
         expired = self.db.images_older_than(cutoff)
         for row in expired:
-            self._delete_row(row)
+            self._delete_row(row, s3_now=False)
         if expired:
             log.info("Retention: deleted %d image(s) older than %g days.", len(expired), days)
+        if self.publisher is not None:  # these images' objects, and any an earlier delete could not remove
+            self.publisher.flush_deletions()
         return len(expired)
 
     # ---- prompt segmentation (the old service's /segment) -----------------------------------------
@@ -544,12 +569,11 @@ class Studio:
             m = loaded.masks[out["mask_ids"][0]] if out["mask_ids"] else None
             if m is None:
                 raise SegmentationRejected("The segmenter found no object at those prompts.")
-            return {"image_id": out["image_id"], "mask_id": m.mask_id, "mask_url": self.mask_url(m)}
+            return {"image_id": out["image_id"], "mask_id": m.mask_id, "mask_url": self.mask_url(m), "s3": out["s3"]}
         loaded = self.load(image_id, owner)
         pts, labels, bx = check_prompt(points, point_labels, box, loaded.row.width, loaded.row.height)
         self.allow_segmentation(owner, address)
-        record = self.segmenter.segment(loaded.rgb, points=pts, point_labels=labels, box=bx, cancel=cancel)
-        return self.add_object_mask(loaded, record)
+        return self.add_object_mask(loaded, self._object_record(loaded, pts, labels, bx, cancel))
 
     def preview_object(
         self,
@@ -566,7 +590,31 @@ class Studio:
         pts, labels, _ = check_prompt(points, point_labels, None, loaded.row.width, loaded.row.height)
         # Each preview may be a paid call to a SAM2 service: counted per owner and per address.
         self.allow_segmentation(owner or "admin", address)
-        return self.segmenter.segment(loaded.rgb, points=pts, point_labels=labels, box=None, cancel=cancel)
+        return self._object_record(loaded, pts, labels, None, cancel)
+
+    def _object_record(self, loaded: Loaded, points, labels, box, cancel: threading.Event | None) -> dict:
+        """The segmenter's answer to prompts on a stored image; for a service that cannot take prompts
+        (cog, replicate), picked among the masks it already made for this image: no second paid call."""
+        if getattr(self.segmenter, "prompts_natively", True) or loaded.row.engine != self.segmenter.engine:
+            return self.segmenter.segment(loaded.rgb, points=points, point_labels=labels, box=box, cancel=cancel)
+        h, w = loaded.row.height, loaded.row.width
+        stored = [
+            {
+                "segmentation": {"size": [h, w], "counts": m.counts},
+                "area": m.area,
+                "bbox": m.bbox,
+                "predicted_iou": m.predicted_iou,
+                "stability_score": m.stability_score,
+            }
+            for m in loaded.masks.values()
+        ]
+        chosen = pick_for_prompt(stored, points, labels, box)
+        if chosen is None:
+            raise SegmentationRejected(
+                f"None of this image's {len(stored)} masks covers all include points without an exclude point "
+                f"(the {self.segmenter.engine} cannot segment from prompts directly)."
+            )
+        return chosen
 
     def add_object_mask(self, loaded: Loaded, record: dict) -> dict:
         """Store one more mask (from a prompt) with an image; S3 upload when configured."""
@@ -576,10 +624,11 @@ class Studio:
             raise SegmentationRejected("The segmenter found no object at those prompts.")
         m = self.db.add_mask(rows[0])
         self._forget(r.id)
+        s3 = None
         if self.publisher is not None:
-            self.publisher.upload_masks(r.id, self.load(r.id, None).index, [m])
+            s3 = self.publisher.summary(self.publisher.upload_masks(r.id, self.load(r.id, None).index, [m]))
             m = self.load(r.id, None).masks[m.mask_id]
-        return {"image_id": r.id, "mask_id": m.mask_id, "mask_url": self.mask_url(m)}
+        return {"image_id": r.id, "mask_id": m.mask_id, "mask_url": self.mask_url(m), "s3": s3}
 
     # ---- health of the segmenter, never blocking a page ------------------------------------------
     def health(self, max_age_s: float = 30.0) -> tuple[bool, str]:

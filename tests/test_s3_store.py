@@ -7,6 +7,7 @@ import logging
 import re
 import socket
 import threading
+import time
 import uuid
 
 import httpx
@@ -18,7 +19,7 @@ import masks
 import s3_store
 from errors import InvalidInput, NotFound, StorageError
 from helpers import house_masks
-from s3_server import DUMMY_KEY_ID, DUMMY_SECRET, MotoServer
+from s3_server import DUMMY_KEY_ID, DUMMY_SECRET, MotoServer, SilentServer
 from s3_store import S3BlobStore, S3Unavailable, UploadReport, make_s3_client
 from settings import Settings
 
@@ -338,6 +339,30 @@ def test_a_server_that_never_answers_is_a_timeout():
         store = store_for(srv, "masks-slow", client_options={"read_timeout": 0.3, "max_attempts": 1})
         report = store.upload_many([(store.new_mask_key(), b"png")])
     assert list(report.failed.values()) == [f"The S3 endpoint {srv.url} did not answer in time while trying to upload."]
+
+
+def test_a_hung_endpoint_ends_the_batch_after_the_first_timeouts_and_retry_recovers():
+    # Each upload waits read_timeout × attempts for a server that never answers: without stopping early
+    # 200 masks on 8 workers would take 25 rounds of that (~24 min with the real timeouts).
+    items = {f"sam2-api-masks/hung-{i:03d}.png": png for i, (_, png) in enumerate(mask_pngs(200).values())}
+    with SilentServer() as hung:
+        short = {"connect_timeout": 1, "read_timeout": 1, "max_attempts": 2}
+        store = store_for(hung, "masks-hung", client_options=short)
+        started = time.monotonic()
+        report = store.upload_many(items.items())
+        elapsed = time.monotonic() - started
+        attempted = hung.connections
+    assert elapsed < 20, elapsed
+    assert report.counts() == {"uploaded": 0, "failed": 200}
+    assert report.stopped and "did not answer in time" in report.stopped
+    assert all("did not answer in time" in reason for reason in report.failed.values())
+    assert attempted < 40  # the first few in flight, not all 200
+
+    with MotoServer(port=hung.port) as srv:  # the endpoint comes back on the same address
+        srv.create_bucket("masks-hung")
+        retry = store.upload_many((k, items[k]) for k in report.failed)
+        assert retry.counts() == {"uploaded": 200, "failed": 0} and not retry.stopped
+        assert all(store.get(k) == items[k] for k in list(items)[::20])
 
 
 def test_server_killed_mid_batch_loses_nothing_and_retry_recovers():
