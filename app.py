@@ -185,6 +185,15 @@ def cancel_on_leave(demo: gr.Blocks, request: gr.Request | None) -> Iterator[thr
         done.set()
 
 
+def warn_s3(s3: dict | None, total: int) -> None:
+    """A warning on the page when some mask uploads to S3 failed (the masks themselves are kept)."""
+    if s3 and s3.get("failed"):
+        gr.Warning(
+            f"{s3['failed']} of {total} masks could not be uploaded to S3 ({s3.get('error', 'see the log')}). "
+            "They are kept here and will be uploaded again later (at the next start, or with /retry_uploads)."
+        )
+
+
 def same_spot(last: list[int] | None, now: list[int], size: tuple[int, int], display_width: int) -> bool:
     """Whether a click lands where the last one did, give or take a few screen pixels (a finger is not
     a mouse): within 1 % of the picture's width, and at least one display pixel."""
@@ -343,12 +352,7 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         )
         sess = new_session(summary["image_id"], owner_of(sess))
         gr.Info(f"{summary['mask_count']} masks from the {summary['engine']}.", duration=4)
-        if summary["s3"] and summary["s3"]["failed"]:
-            gr.Warning(
-                f"{summary['s3']['failed']} of {summary['mask_count']} masks could not be uploaded to S3 "
-                f"({summary['s3'].get('error', 'see the log')}). They are kept here and will be uploaded again "
-                "later (at the next start, or with /retry_uploads)."
-            )
+        warn_s3(summary["s3"], summary["mask_count"])
         # Empty the upload box and the id: ready for the next photo without first clearing them.
         return view(sess, background, gallery=True) + (library_choices(owner_of(sess)), status_text(), None, "")
 
@@ -432,7 +436,11 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         sess["points"], sess["preview"] = [], None
         sess["click"], sess["candidates"] = None, []
         paint(sess, added["mask_id"], hex_to_rgba(color, opacity))
-        gr.Info(f"Stored the object as mask {added['mask_id']}.", duration=4)
+        if added["existing"]:
+            gr.Info(f"That object is mask {added['mask_id']} already: it is selected.", duration=4)
+        else:
+            gr.Info(f"Stored the object as mask {added['mask_id']}.", duration=4)
+        warn_s3(added["s3"], 1)
         return view(sess, background, gallery=True)
 
     @user_errors
@@ -530,7 +538,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         original_image_b64: str | None = None,
         request: gr.Request = None,
     ) -> dict:
-        """Segment an image and store it with its masks. Send `image` (handle_file(path)) or `original_image_b64`."""
+        """Segment an image and store it with its masks. Send `image` (handle_file(path)) or `original_image_b64`.
+        Returns {"message", "image_id", "mask_count", "image_dimensions", "mask_ids", "mask_urls", "engine", "s3"}."""
         caller = api_caller(request)
         data = _upload_bytes(image)
         if data is None:
@@ -588,7 +597,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         request: gr.Request = None,
     ) -> dict:
         """One object from points (label 1 include, 0 exclude) and/or a box [x0, y0, x1, y1], stored as a mask
-        of a new image (`image`) or of a stored one (`image_id`). Returns {"image_id", "mask_id", "mask_url"}."""
+        of a new image (`image`) or of a stored one (`image_id`).
+        Returns {"image_id", "mask_id", "mask_url", "s3", "existing"} (existing: it was one of the image's masks)."""
         caller = api_caller(request)
         data = _upload_bytes(image)
         if data is None and not image_id:
@@ -606,7 +616,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             )
 
     def retry_uploads(request: gr.Request = None) -> dict:
-        """Upload to S3 every mask whose upload failed earlier. Returns {"message", "uploaded", "failed"}."""
+        """Upload to S3 what failed earlier (yours) and finish deletions S3 missed.
+        Returns {"message", "uploaded", "failed", "deleted"}."""
         return studio.retry_uploads(api_caller(request).scope)
 
     def share_render(
@@ -835,7 +846,7 @@ def create_studio(settings: Settings) -> Studio:
 def _retry_in_background(studio: Studio) -> None:
     try:
         result = studio.retry_uploads(None)
-        if result["uploaded"] or result["failed"]:
+        if result["uploaded"] or result["failed"] or result.get("deleted") or result.get("error"):
             log.info("S3 at start-up: %s", result["message"])
     except MaskStudioError as exc:
         log.warning("S3 at start-up: %s", exc.message)

@@ -569,7 +569,13 @@ class Studio:
             m = loaded.masks[out["mask_ids"][0]] if out["mask_ids"] else None
             if m is None:
                 raise SegmentationRejected("The segmenter found no object at those prompts.")
-            return {"image_id": out["image_id"], "mask_id": m.mask_id, "mask_url": self.mask_url(m), "s3": out["s3"]}
+            return {
+                "image_id": out["image_id"],
+                "mask_id": m.mask_id,
+                "mask_url": self.mask_url(m),
+                "s3": out["s3"],
+                "existing": False,
+            }
         loaded = self.load(image_id, owner)
         pts, labels, bx = check_prompt(points, point_labels, box, loaded.row.width, loaded.row.height)
         self.allow_segmentation(owner, address)
@@ -622,13 +628,23 @@ class Studio:
         rows = self._mask_rows(r.id, [record], (r.height, r.width))
         if not rows:
             raise SegmentationRejected("The segmenter found no object at those prompts.")
+        same = next((m for m in loaded.masks.values() if m.counts == rows[0].counts), None)
+        if same is not None:  # already one of this image's masks (e.g. picked from the hierarchy): no copy
+            s3 = None if self.publisher is None else {"uploaded": 0, "failed": 0}
+            return {
+                "image_id": r.id,
+                "mask_id": same.mask_id,
+                "mask_url": self.mask_url(same),
+                "s3": s3,
+                "existing": True,
+            }
         m = self.db.add_mask(rows[0])
         self._forget(r.id)
         s3 = None
         if self.publisher is not None:
             s3 = self.publisher.summary(self.publisher.upload_masks(r.id, self.load(r.id, None).index, [m]))
             m = self.load(r.id, None).masks[m.mask_id]
-        return {"image_id": r.id, "mask_id": m.mask_id, "mask_url": self.mask_url(m), "s3": s3}
+        return {"image_id": r.id, "mask_id": m.mask_id, "mask_url": self.mask_url(m), "s3": s3, "existing": False}
 
     # ---- health of the segmenter, never blocking a page ------------------------------------------
     def health(self, max_age_s: float = 30.0) -> tuple[bool, str]:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from app_server import running_app
 from errors import StorageError
-from helpers import RecordsSegmenter, encode, house_masks, make_photo
+from helpers import RecordsSegmenter, encode, house_masks, make_photo, record
 from s3_server import DUMMY_KEY_ID, DUMMY_SECRET, REGION, MotoServer, SilentServer
 from s3_store import S3BlobStore, make_s3_client
 from settings import Settings
@@ -89,10 +89,11 @@ def test_masks_are_uploaded_and_urls_served(server, tmp_path, house_photo, mode,
             np.testing.assert_array_equal(png == 255, expected[by_area[m["id"]]])
         coco = c.predict("house", None, api_name="/export_coco")
         assert all(a["mask_url"] for a in coco["annotations"])
-        # A prompt-made mask is uploaded too.
+        # A prompt that finds one of the stored masks answers with it (its URL; nothing new to upload)...
         seg = c.predict(None, "house", [[38, 60]], [1], None, api_name="/segment")
-        assert seg["mask_url"] and fetch_png(seg["mask_url"]).shape == (H, W)
-        assert seg["s3"] == {"uploaded": 1, "failed": 0}
+        assert seg["existing"] and seg["mask_url"] and fetch_png(seg["mask_url"]).shape == (H, W)
+        assert seg["s3"] == {"uploaded": 0, "failed": 0}
+        # ...and a prompt-made mask of a new image is uploaded.
         fresh = c.predict(handle_file(house_photo), None, [[38, 60]], [1], None, api_name="/segment")
         assert fresh["s3"] == {"uploaded": 1, "failed": 0} and fetch_png(fresh["mask_url"]).shape == (H, W)
         c.predict(fresh["image_id"], api_name="/delete_image")
@@ -426,9 +427,11 @@ def test_an_object_added_with_s3_down_says_it_failed(server, tmp_path):
     bucket = new_bucket(server)
     studio = s3_studio(server, tmp_path, bucket)
     studio.generate_and_store(PHOTO, image_id="house")
+    new_object = np.zeros((H, W), bool)
+    new_object[5:20, 5:30] = True  # not one of the stored masks: it is stored and uploaded
     with unreachable(studio):
-        out = studio.segment_object(image_id="house", points=[[38, 60]], owner="local")
-    assert out["mask_url"] is None and (out["s3"]["uploaded"], out["s3"]["failed"]) == (0, 1)
+        out = studio.add_object_mask(studio.load("house", "local"), record(new_object))
+    assert not out["existing"] and out["mask_url"] is None and (out["s3"]["uploaded"], out["s3"]["failed"]) == (0, 1)
     assert "Could not connect to the S3 endpoint" in out["s3"]["error"]
     assert studio.retry_uploads("local")["uploaded"] == 1
     assert studio.info("house", "local")["available_masks"][out["mask_id"]]["mask_url"]

@@ -175,10 +175,18 @@ def test_builtin_segment_on_stored_image(tmp_path, house_photo):
         c = Client(url, verbose=False)
         stored = c.predict(handle_file(house_photo), "PHOTO", api_name="/generate_and_store_masks")
         out = c.predict(None, "PHOTO", [[38, 60]], [1], None, api_name="/segment")
-        assert out["image_id"] == "PHOTO" and out["mask_id"] == stored["mask_count"]
-        assert c.predict("PHOTO", api_name="/image_info")["mask_count"] == stored["mask_count"] + 1
+        # The built-in answers from its hierarchy: either one of the stored masks (returned, not copied) or a
+        # region not among the stored ones (stored as a new mask).
+        count = c.predict("PHOTO", api_name="/image_info")["mask_count"]
+        if out["existing"]:
+            assert out["mask_id"] < stored["mask_count"] and count == stored["mask_count"]
+        else:
+            assert out["mask_id"] == stored["mask_count"] and count == stored["mask_count"] + 1
         hit = c.predict("PHOTO", 38, 60, api_name="/mask_at_point")
-        assert out["mask_id"] in hit["candidates"]
+        assert out["image_id"] == "PHOTO" and out["mask_id"] in hit["candidates"]
+        again = c.predict(None, "PHOTO", [[38, 60]], [1], None, api_name="/segment")
+        assert again["existing"] and again["mask_id"] == out["mask_id"]  # asked twice: no copy either way
+        assert c.predict("PHOTO", api_name="/image_info")["mask_count"] == count
 
 
 def test_leaving_cancels_a_paid_prediction(tmp_path, house_photo):
