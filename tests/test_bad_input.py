@@ -76,6 +76,26 @@ def cases():
                 ("/render_masks", ("house", [{"mask_id": 0, "color": n}]), "olour"),
                 ("/render_masks", ("house", INSTR, n), "ackground"),
             ]
+    for i in ODD_IDS:
+        if i not in (None, ""):  # (no id and no image: "send an image or an image_id", below)
+            out.append(("/segment", (None, i, [[1, 1]]), "image"))
+    for n in ODD_NUMBERS:
+        out += [
+            ("/segment", (None, "house", [[n, 1]]), "x"),
+            ("/segment", (None, "house", [[1, 1]], [n]), "point_labels"),
+            ("/segment", (None, "house", None, None, [0, 0, n, 5]), "box"),
+        ]
+    out += [
+        ("/segment", (None, None, [[1, 1]]), "Send an image file"),
+        ("/segment", (None, "house", "1,1"), "points must be a list"),
+        ("/segment", (None, "house", [[1, 1, 1]]), "points must be a list"),
+        ("/segment", (None, "house", [[1, 1]] * 65), "At most 64 points"),
+        ("/segment", (None, "house", [[1, 1]], [1, 0]), "one per point"),
+        ("/segment", (None, "house", [[1, 1]], [0]), "at least one include point"),
+        ("/segment", (None, "house", None, None, [5, 5, 2, 2]), "x0 < x1"),
+        ("/share_render", ("house", INSTR, "original"), "Sharing needs S3"),
+        ("/retry_uploads", (), "S3 is not configured"),
+    ]
     out += [
         ("/export_coco", ("house", "all"), "mask_ids must be a list"),
         ("/render_masks", ("house", "not json"), "not valid JSON"),
@@ -116,17 +136,15 @@ def app(tmp_path_factory):
 
 
 def test_bad_input_is_a_clear_error_on_every_endpoint(app):
-    """All cases at once (submitted together, so the sweep stays fast); every failure is listed."""
+    """Every case, one after another (hundreds of jobs submitted at once made gradio_client's shared event
+    stream drop now and then: a flaky test, not a finding); every failure is listed."""
     _, client, photo, _ = app
-    jobs = []
+    wrong = []
     for endpoint, args, fragment in CASES:
         args = tuple(handle_file(photo) if a == "PHOTO" else a for a in args)
-        jobs.append((endpoint, args, fragment, client.submit(*args, api_name=endpoint)))
-    wrong = []
-    for endpoint, args, fragment, job in jobs:
         shown = f"{endpoint} {repr(args)[:70]}"
         try:
-            out = job.result(timeout=120)
+            out = client.predict(*args, api_name=endpoint)
         except AppError as exc:
             message = exc.message
             if not message or message == GENERIC_ERROR or fragment.lower() not in message.lower():
@@ -136,7 +154,7 @@ def test_bad_input_is_a_clear_error_on_every_endpoint(app):
         else:
             wrong.append(f"{shown}: no error, answered {repr(out)[:60]}")
     assert not wrong, "\n".join(wrong)
-    assert len(jobs) > 200
+    assert len(CASES) > 250
 
 
 def test_many_valid_instructions_render(app):

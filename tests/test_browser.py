@@ -324,6 +324,23 @@ def test_3_colour_and_opacity_blend(page, app, photo, pixels):
     assert "#2060c0" in page.locator("#painted").inner_text()
     page.shots.take(page, "opacity-set")
 
+    # Dragging the slider, as a person does: the picture follows when the thumb is let go.
+    track = page.locator("#opacity input[type=range]")
+    box = track.bounding_box()
+    y = box["y"] + box["height"] / 2
+
+    def drag():
+        page.mouse.move(box["x"] + 0.25 * box["width"], y)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 0.8 * box["width"], y, steps=8)
+        page.mouse.up()
+
+    updating(page, drag)
+    dragged = float(page.locator("#opacity input[type=number]").input_value())
+    assert 0.6 < dragged < 1.0, dragged
+    expected = blend((0x20, 0x60, 0xC0, round(dragged * 255)), pixels[WINDOW_PX[1], WINDOW_PX[0]])
+    assert_close(shown_pixel(page, *WINDOW_PX), expected)
+
 
 def test_4_gallery_select_undo_remove_clear(page, app, photo, pixels):
     """A thumbnail selects and paints its mask; remove, undo and clear do what they say."""
@@ -511,6 +528,9 @@ def test_9_two_browsers_do_not_share_selection_or_colours(browser, app, photo, p
 
     click_pixel(a, *WINDOW_PX)
     click_pixel(b, *SUN_PX)
+    # B's click, just now, did not reach A's picture (A's sun unpainted, A's window painted).
+    assert_close(shown_pixel(a, *SUN_PX), pixels[SUN_PX[1], SUN_PX[0]])
+    assert_close(shown_pixel(a, *WINDOW_PX), blend(DEFAULT_RGBA, pixels[WINDOW_PX[1], WINDOW_PX[0]]))
     set_color(b, "#00a000")
     set_color(a, "#0000ff")
 
@@ -555,3 +575,28 @@ def test_10_add_object_with_points(page, app, photo, pixels):
     # Back to selecting: the Keep / Reset buttons go away.
     page.locator("#click_mode").get_by_text("Select masks").click()
     page.locator("#keep_object").wait_for(state="hidden")
+
+
+def test_11_a_big_rotated_phone_photo_is_clicked_where_it_is_seen(page, app, tmp_path):
+    """A 2048×1536 phone JPEG stored sideways (EXIF orientation 6): shown upright, downscaled for display,
+    and a click on the window selects the window, whose pixels on screen take the colour."""
+    h, w = 1536, 2048
+    upright = make_photo(h, w)
+    house, window, sun, _ = house_masks(h, w)
+    upright[house], upright[window], upright[sun] = (170, 60, 40), (240, 240, 250), (250, 220, 60)
+    sideways = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # as the camera stored it
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to show"
+    path = tmp_path / "phone.jpg"
+    sideways.save(path, format="JPEG", quality=95, exif=exif)
+    upload(page, path, "phone-photo")
+    studio = app[1]
+    natural = page.locator("#composite img").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    assert natural == [1024, 768]  # upright, and a display copy rather than the full 2048 px
+    x, y = int(0.30 * w), int(0.62 * h)  # inside the window, in the photo's own (full-size) pixels
+    expected = studio.mask_at_point("phone-photo", x, y, None)["mask_id"]
+    click_pixel(page, x // 2, y // 2)  # the display copy's pixel the person sees there
+    assert f"Selected mask {expected}" in selection(page)
+    assert studio.load("phone-photo", None).index.mask(expected).sum() == window.sum()
+    assert_close(shown_pixel(page, x // 2, y // 2), blend(DEFAULT_RGBA, (240, 240, 250)), tol=4)
+    page.shots.take(page, "phone-photo-window")

@@ -64,6 +64,14 @@ def test_someone_elses_image_answers_like_an_unknown_id(keyed, endpoint, extra):
     assert clients["alice"].predict("alice-img", api_name="/image_info")["mask_count"] == 4
 
 
+def test_segment_on_someone_elses_image_answers_like_an_unknown_id(keyed):
+    _, clients = keyed
+    call = lambda image_id: clients["bob"].predict(None, image_id, [[10, 40]], [1], None, api_name="/segment")  # noqa: E731
+    theirs, unknown = error_of(lambda: call("alice-img")), error_of(lambda: call("nobody-img"))
+    assert theirs.replace("alice-img", "ID") == unknown.replace("nobody-img", "ID")
+    assert clients["alice"].predict("alice-img", api_name="/image_info")["mask_count"] == 4
+
+
 def test_admin_lists_and_deletes_everything(keyed, photo):
     _, clients = keyed
     clients["bob"].predict(handle_file(photo), "bob-doomed", api_name="/generate_and_store_masks")
