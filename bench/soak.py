@@ -1,15 +1,16 @@
 """Soak: the real app (`python app.py`, loopback, a temp data folder) under 16 concurrent gradio_client
 clients doing a realistic mix, with a 1-client baseline in the same run; then the data is checked.
 
-    /tmp/venv/bin/python bench/soak.py [--seconds 60] [--clients 16] [--baseline-seconds 10]
+    .venv/bin/python bench/soak.py [--seconds 60] [--clients 16] [--baseline-seconds 10]
 
 Phases (interleaved so drift hits both): 1 client, N clients, 1 client. Each client works on its own
 images: generate (256–512 px photos, the built-in segmenter), then info, mask_at_point, render, export,
 get_mask and delete in realistic proportions, plus a few deliberate bad inputs (counted separately: they
-must fail with a clear message). Printed: requests served, errors (must be 0), p50/p95 latency per
-endpoint, the throughput ratio N clients / 1 client, and after a clean stop PRAGMA integrity_check,
-that every stored mask decodes, and that blobs and rows match (no orphans, none missing).
-Exit status 1 if anything is wrong.
+must fail with a clear message), among them reads of another owner's images (AUTH_MODE=keys, four API
+keys shared by the clients: such a read must answer like an unknown id). Printed: requests served,
+errors (must be 0), p50/p95 latency per endpoint, the throughput ratio N clients / 1 client, and after a
+clean stop PRAGMA integrity_check, that every stored mask decodes, and that blobs and rows match (no
+orphans, none missing). Exit status 1 if anything is wrong.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ import masks as rle  # noqa: E402
 from workload import photo  # noqa: E402
 
 MAX_REQUESTS_PER_PHASE = 200_000  # a bound on count as well as on time
+OWNERS = 4  # API keys the clients share (client i uses key i % OWNERS)
+KEYS = {f"owner{i}": f"soak-key-{i}-0123456789abcdef" for i in range(OWNERS)}
 MAX_IMAGES_PER_CLIENT = 4
 # (operation, weight): what a person or a script does with an image once it is stored
 MIX = [
@@ -71,7 +74,8 @@ def start_app(data_dir: Path, work: Path) -> tuple[subprocess.Popen, str]:
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "GRADIO_TEMP_DIR": str(work / "gradio"),
-        "AUTH_MODE": "open",
+        "AUTH_MODE": "keys",
+        "APP_API_KEYS": ",".join(f"{owner}:{key}" for owner, key in KEYS.items()),
         "SEGMENT_RATE_LIMIT": "0",
         "MAX_IMAGES_PER_OWNER": "0",
     }
@@ -118,12 +122,15 @@ class Stats:
 
 
 class Worker:
-    """One client: its own session and its own images."""
+    """One client: its own session, its owner's API key and its own images."""
+
+    everyone: dict[str, str] = {}  # image id -> owner, of every client's images (for cross-owner probes)
 
     def __init__(self, url: str, photos: list[str], seed: int):
         from gradio_client import Client
 
-        self.client = Client(url, verbose=False)
+        self.owner = f"owner{seed % OWNERS}"
+        self.client = Client(url, verbose=False, headers={"Authorization": f"Bearer {KEYS[self.owner]}"})
         self.photos = photos
         self.rng = random.Random(seed)
         self.images: dict[str, tuple[int, int, int]] = {}  # id -> (width, height, mask_count)
@@ -149,14 +156,18 @@ class Worker:
         if out:
             d = out["image_dimensions"]
             self.images[out["image_id"]] = (d["width"], d["height"], out["mask_count"])
+            Worker.everyone[out["image_id"]] = self.owner
 
     def bad(self, stats: Stats) -> None:
         """A deliberate bad input: it must fail, with a clear message."""
         from gradio_client.exceptions import AppError
 
         image_id = self.rng.choice(list(self.images)) if self.images else "nope"
+        theirs = [i for i, o in list(Worker.everyone.items()) if o != self.owner] or ["nope"]
         args, api = self.rng.choice(
             [
+                ((self.rng.choice(theirs),), "/image_info"),  # another owner's image: "No image with id"
+                ((self.rng.choice(theirs), 1, 1), "/mask_at_point"),
                 ((image_id, -5, 10**9), "/mask_at_point"),
                 (("../../etc/passwd",), "/image_info"),
                 ((image_id, [{"mask_id": 0, "color": "no-such-colour"}], "original"), "/render_masks"),
@@ -168,6 +179,12 @@ class Worker:
             problem = f"{api} {args!r} did not fail"
         except AppError as exc:
             problem = None if exc.message and "unexpected" not in exc.message.lower() else exc.message
+            if (
+                api in ("/image_info", "/mask_at_point")
+                and args[0] != image_id
+                and "No image with id" not in exc.message
+            ):
+                problem = f"another owner's image answered {exc.message!r}, not like an unknown id"
         except Exception as exc:
             problem = f"{api}: {type(exc).__name__}: {exc}"
         with stats.lock:
@@ -192,6 +209,7 @@ class Worker:
         if op == "delete":
             if len(self.images) > 1 and self.call(stats, "delete", image_id, api_name="/delete_image"):
                 del self.images[image_id]
+                Worker.everyone.pop(image_id, None)
         elif op == "info":
             self.call(stats, "info", image_id, api_name="/image_info")
         elif op == "mask_at_point":

@@ -14,6 +14,15 @@ def library_after_load(page) -> str:
     return page.locator("#library input").input_value()
 
 
+def upload_as(page, photo, image_id: str) -> None:
+    """Upload the photo under that id and wait until it is shown."""
+    page.locator("#custom_id input").fill(image_id)
+    page.locator("#upload input[type=file]").set_input_files(str(photo))
+    page.wait_for_function(
+        "document.querySelector('#selection').innerText.includes('Click the picture')", timeout=30_000
+    )
+
+
 def test_two_anonymous_browsers_do_not_see_each_others_images(tmp_path):
     sync_api = require_browser()
     photo = tmp_path / "house.png"
@@ -26,11 +35,7 @@ def test_two_anonymous_browsers_do_not_see_each_others_images(tmp_path):
             for page in (a, b):
                 page.goto(url)
                 assert library_after_load(page) == ""
-            a.locator("#custom_id input").fill("from-browser-one")
-            a.locator("#upload input[type=file]").set_input_files(str(photo))
-            a.wait_for_function(
-                "document.querySelector('#selection').innerText.includes('Click the picture')", timeout=30_000
-            )
+            upload_as(a, photo, "from-browser-one")
 
             owners = {r.owner for r in studio.db.list_images(None)}
             assert len(owners) == 1 and next(iter(owners)).startswith("anon:")
@@ -54,11 +59,7 @@ def test_a_browser_keeps_its_library_across_a_server_restart(tmp_path):
         with running_app(tmp_path / "data", RecordsSegmenter(house_masks), auth_mode="keys", port=port) as (url, *_):
             page.goto(url)
             assert library_after_load(page) == ""
-            page.locator("#custom_id input").fill("before-restart")
-            page.locator("#upload input[type=file]").set_input_files(str(photo))
-            page.wait_for_function(
-                "document.querySelector('#selection').innerText.includes('Click the picture')", timeout=30_000
-            )
+            upload_as(page, photo, "before-restart")
         # The same data folder and address after a restart: the browser's stored key still opens its library.
         with running_app(tmp_path / "data", RecordsSegmenter(house_masks), auth_mode="keys", port=port) as (url, *_):
             page.goto(url)
