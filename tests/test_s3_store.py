@@ -18,7 +18,7 @@ from PIL import Image
 import masks
 import s3_store
 from errors import InvalidInput, NotFound, StorageError
-from helpers import house_masks
+from helpers import encode, house_masks, make_photo
 from s3_server import DUMMY_KEY_ID, DUMMY_SECRET, MotoServer, SilentServer
 from s3_store import S3BlobStore, S3Unavailable, UploadReport, make_s3_client
 from settings import Settings
@@ -433,3 +433,20 @@ def test_small_puts_skip_the_expect_100_continue_round_trip(server, bucket):
 def test_a_misconfigured_client_is_a_storage_error_naming_the_setting(changes, expected):
     with pytest.raises(StorageError, match=re.escape(expected)):
         make_s3_client(Settings(s3_bucket="bkt", **changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"aws_region": "eu west 1"}, "AWS_REGION is not a valid region name"),
+        ({"s3_endpoint_url": "not a url"}, "S3_ENDPOINT_URL 'not a url' is not a valid URL."),
+    ],
+)
+def test_the_app_still_starts_with_a_misconfigured_s3_and_says_why(tmp_path, changes, expected):
+    import app
+
+    studio = app.create_studio(Settings(data_dir=tmp_path, s3_bucket="bkt", **changes))
+    ok, sentence = studio.s3_status
+    assert studio.s3 is None and not ok and expected in sentence  # shown in the status line
+    out = studio.generate_and_store(encode(make_photo(48, 64)), image_id="works")
+    assert out["s3"] is None and out["mask_count"] > 0
