@@ -347,6 +347,12 @@ def test_4_gallery_select_undo_remove_clear(page, app, photo, pixels):
     studio = app[1]
     upload(page, photo, "gallery")
     ids = ids_of(studio, "gallery")
+    # Thumbnails come largest mask first.
+    page.wait_for_selector("#gallery .thumbnail-item")
+    captions = page.locator("#gallery .thumbnail-item").all_inner_texts()
+    shown = [int(re.search(r"#(\d+)", c).group(1)) for c in captions]
+    areas = {m["id"]: m["area"] for m in studio.info("gallery", None)["available_masks"]}
+    assert shown == sorted(areas, key=lambda m: -areas[m]), (shown, areas)
     sun, window = SUN_PX, WINDOW_PX
     thumb = page.locator("#gallery .thumbnail-item").filter(has_text=re.compile(rf"#{ids['sun']}\b"))
     updating(page, lambda: thumb.first.click())
