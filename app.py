@@ -367,8 +367,8 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
     def on_ask_delete(image_id, sess):
         if not image_id:
             raise InvalidInput("Choose an image in the library first.")
-        row = studio.db.get_image(image_id, owner_of(sess))
-        text = f"Delete **{row.id}** and its {row.mask_count} masks? This cannot be undone."
+        row = studio.find(image_id, owner_of(sess))
+        text = f"Delete **{image_id}** and its {row.mask_count} masks? This cannot be undone."
         return gr.update(visible=True), text
 
     @user_errors

@@ -8,6 +8,7 @@ so a crash never leaves a half-written blob under its final name.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -103,6 +104,27 @@ IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 ID_RULE = "1–64 characters: letters, digits, '_' or '-', starting with a letter or digit"
 
 
+# An owner's own image ids are kept as "<id>.<tag of the owner>", so two owners may both call an image
+# "house" and nobody can learn, by trying an id, that someone else uses it. "local" (the one owner of
+# AUTH_MODE=open) keeps ids as given, as the old backend did; generated ids are random and kept as made.
+SHARED_NAMESPACE_OWNER = "local"
+STORED_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}(\.[0-9a-f]{12})?$")
+
+
+def owner_tag(owner: str) -> str:
+    return hashlib.sha256(owner.encode()).hexdigest()[:12]
+
+
+def stored_image_id(image_id: str, owner: str) -> str:
+    """The id a caller's own image id is stored under (see SHARED_NAMESPACE_OWNER)."""
+    return image_id if owner == SHARED_NAMESPACE_OWNER else f"{image_id}.{owner_tag(owner)}"
+
+
+def shown_image_id(stored: str, owner: str | None) -> str:
+    """The id shown to an owner (the admin, owner None, sees stored ids as they are)."""
+    return stored if owner is None else stored.split(".", 1)[0]
+
+
 def new_image_id(now: _dt.datetime | None = None) -> str:
     """`img_YYYYMMDD_HHMMSS_<8 hex>`, the old backend's form."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
@@ -128,14 +150,16 @@ class ImageRow:
     mask_count: int
     blob_key: str
 
-    def summary(self) -> dict:
-        return {
-            "image_id": self.id,
+    def summary(self, owner: str | None = None) -> dict:
+        """The API's description of the image, for `owner` (None: the admin, who is also told the owner)."""
+        out = {
+            "image_id": shown_image_id(self.id, owner),
             "width": self.width,
             "height": self.height,
             "created_at": self.created_at,
             "mask_count": self.mask_count,
         }
+        return out if owner is not None else {**out, "owner": self.owner}
 
 
 @dataclass(frozen=True)

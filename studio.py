@@ -30,7 +30,17 @@ from s3_store import S3BlobStore
 from sam2_client import Progress, Segmenter
 from sam2_responses import pick_for_prompt
 from settings import Settings
-from storage import BlobStore, Database, ImageRow, MaskRow, check_image_id, new_image_id
+from storage import (
+    STORED_ID,
+    BlobStore,
+    Database,
+    ImageRow,
+    MaskRow,
+    check_image_id,
+    new_image_id,
+    shown_image_id,
+    stored_image_id,
+)
 
 log = logging.getLogger("mask_studio")
 
@@ -214,11 +224,10 @@ class Studio:
         """The one ingest path: checks, segmentation, blob + one DB transaction, index, S3 uploads."""
         self.check_room(owner)  # before segmenting: a full library must not cost a segmentation
         if image_id is not None and image_id != "":
-            image_id = check_image_id(image_id)
+            wanted = check_image_id(image_id)
+            image_id = stored_image_id(wanted, owner)  # each owner's ids are their own
             if self.db.image_exists(image_id):
-                raise Conflict(
-                    f"Image id {image_id!r} is already taken: choose another id, or delete that image first."
-                )
+                raise Conflict(f"Image id {wanted!r} is already taken: choose another id, or delete that image first.")
         else:
             image_id = new_image_id()
         say(0.02, "Reading the image")
@@ -247,6 +256,12 @@ class Studio:
             self.blobs.delete(row.blob_key)
             self.check_room(owner, max(self.db.count_images(owner), self.settings.max_images_per_owner))
             raise
+        except Conflict:  # the same id, taken by a concurrent upload of the same owner
+            self.blobs.delete(row.blob_key)
+            raise Conflict(
+                f"Image id {shown_image_id(image_id, owner)!r} is already taken: choose another id, "
+                "or delete that image first."
+            ) from None
         except BaseException:
             self.blobs.delete(row.blob_key)
             raise
@@ -259,8 +274,8 @@ class Studio:
             s3 = self.publisher.publish_new(row.id, rgb, loaded.index, mask_rows, _fraction(say, 0.85, 1.0))
         say(1.0, "Done")
         return {
-            "message": f"Stored {len(mask_rows)} masks for image {image_id}.",
-            "image_id": image_id,
+            "message": f"Stored {len(mask_rows)} masks for image {shown_image_id(image_id, owner)}.",
+            "image_id": shown_image_id(image_id, owner),
             "mask_count": len(mask_rows),
             "image_dimensions": {"width": w, "height": h},
             "mask_ids": [m.mask_id for m in mask_rows],
@@ -362,9 +377,8 @@ class Studio:
 
     def load(self, image_id: object, owner: str | None) -> Loaded:
         """The image, from the cache or rebuilt from storage; another owner's image is 'not found'."""
-        if not isinstance(image_id, str) or not image_id:
-            raise InvalidInput("image_id is required (a string such as 'img_20260101_120000_ab12cd34').")
-        row = self.db.get_image(check_image_id_lenient(image_id), owner)
+        row = self.find(image_id, owner)
+        image_id = row.id
         with self._cache_lock:
             hit = self._cache.get(image_id)
             if hit is not None and hit.row.mask_count == row.mask_count:
@@ -383,12 +397,27 @@ class Studio:
             self._remember(loaded, version)
             return loaded
 
+    def find(self, image_id: object, owner: str | None) -> ImageRow:
+        """The image row an owner means by `image_id` (their own id, or a generated one); someone else's
+        image, or an id that could never exist, answers like any unknown id."""
+        if not isinstance(image_id, str) or not image_id:
+            raise InvalidInput("image_id is required (a string such as 'img_20260101_120000_ab12cd34').")
+        if not STORED_ID.fullmatch(image_id):
+            shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
+            raise NotFound(f"No image with id {shown!r}. /list_images shows the stored ones.")
+        if owner is not None and "." not in image_id:
+            try:
+                return self.db.get_image(stored_image_id(image_id, owner), owner)
+            except NotFound:
+                pass  # a generated id (or one stored as given): looked up as it is
+        return self.db.get_image(image_id, owner)
+
     # ---- reading -----------------------------------------------------------------------------
     def info(self, image_id: object, owner: str | None) -> dict:
         loaded = self.load(image_id, owner)
         r = loaded.row
         return {
-            "image_id": r.id,
+            "image_id": shown_image_id(r.id, owner),
             "width": r.width,
             "height": r.height,
             "created_at": r.created_at,
@@ -412,7 +441,7 @@ class Studio:
         return self.publisher.mask_url(m) if self.publisher is not None else None
 
     def list_images(self, owner: str | None) -> list[dict]:
-        return [r.summary() for r in self.db.list_images(owner, limit=MAX_LIST)]
+        return [r.summary(owner) for r in self.db.list_images(owner, limit=MAX_LIST)]
 
     def mask_at_point(self, image_id: object, x: object, y: object, owner: str | None) -> dict:
         loaded = self.load(image_id, owner)
@@ -426,7 +455,7 @@ class Studio:
     def mask(self, loaded: Loaded, mask_id: object) -> MaskRow:
         mid = check_mask_id(mask_id)
         if mid not in loaded.masks:
-            raise NotFound(f"Image {loaded.row.id} has no mask {mid} ({_id_range(loaded)}).")
+            raise NotFound(f"Image {shown_image_id(loaded.row.id, '')} has no mask {mid} ({_id_range(loaded)}).")
         return loaded.masks[mid]
 
     def mask_png(self, image_id: object, mask_id: object, owner: str | None) -> bytes:
@@ -445,7 +474,7 @@ class Studio:
     ) -> np.ndarray:
         """The composite at full size (or the display copy's size, for the UI)."""
         loaded = self.load(image_id, owner)
-        steps = render.parse_instructions(instructions, loaded.index, loaded.row.id)
+        steps = render.parse_instructions(instructions, loaded.index, shown_image_id(loaded.row.id, owner))
         bg = background if background not in (None, "") else "original"
         if display:
             return render.render(loaded.display_rgb, loaded.display, steps, bg)
@@ -473,6 +502,7 @@ class Studio:
         """A COCO dict (RLE segmentations) of all masks or of the listed ones."""
         loaded = self.load(image_id, owner)
         r = loaded.row
+        shown = shown_image_id(r.id, owner)
         if mask_ids is None:
             chosen = sorted(loaded.masks)
         else:
@@ -500,19 +530,18 @@ class Studio:
                 ann["color"] = colors[mid]
             annotations.append(ann)
         return {
-            "info": {"description": f"Mask Studio export of {r.id}", "date_created": _now(), "engine": r.engine},
-            "images": [{"id": 1, "width": r.width, "height": r.height, "file_name": f"{r.id}.png", "image_id": r.id}],
+            "info": {"description": f"Mask Studio export of {shown}", "date_created": _now(), "engine": r.engine},
+            "images": [{"id": 1, "width": r.width, "height": r.height, "file_name": f"{shown}.png", "image_id": shown}],
             "annotations": annotations,
             "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
         }
 
     # ---- deleting ----------------------------------------------------------------------------
     def delete(self, image_id: object, owner: str | None) -> dict:
-        if not isinstance(image_id, str) or not image_id:
-            raise InvalidInput("image_id is required.")
-        row = self.db.get_image(check_image_id_lenient(image_id), owner)
+        row = self.find(image_id, owner)
         self._delete_row(row)
-        return {"message": f"Image {row.id} and its {row.mask_count} masks were deleted.", "image_id": row.id}
+        shown = shown_image_id(row.id, owner)
+        return {"message": f"Image {shown} and its {row.mask_count} masks were deleted.", "image_id": shown}
 
     def _delete_row(self, row: ImageRow, s3_now: bool = True) -> None:
         # The row goes first, in one transaction that also records its S3 keys for deletion: a crash right
@@ -579,7 +608,7 @@ class Studio:
         loaded = self.load(image_id, owner)
         pts, labels, bx = check_prompt(points, point_labels, box, loaded.row.width, loaded.row.height)
         self.allow_segmentation(owner, address)
-        return self.add_object_mask(loaded, self._object_record(loaded, pts, labels, bx, cancel))
+        return self.add_object_mask(loaded, self._object_record(loaded, pts, labels, bx, cancel), owner)
 
     def preview_object(
         self,
@@ -622,9 +651,11 @@ class Studio:
             )
         return chosen
 
-    def add_object_mask(self, loaded: Loaded, record: dict) -> dict:
-        """Store one more mask (from a prompt) with an image; S3 upload when configured."""
+    def add_object_mask(self, loaded: Loaded, record: dict, owner: str | None = None) -> dict:
+        """Store one more mask (from a prompt) with an image; S3 upload when configured. `owner`: who is
+        told (their own image id; None: the stored id)."""
         r = loaded.row
+        shown = shown_image_id(r.id, owner)
         rows = self._mask_rows(r.id, [record], (r.height, r.width))
         if not rows:
             raise SegmentationRejected("The segmenter found no object at those prompts.")
@@ -632,7 +663,7 @@ class Studio:
         if same is not None:  # already one of this image's masks (e.g. picked from the hierarchy): no copy
             s3 = None if self.publisher is None else {"uploaded": 0, "failed": 0}
             return {
-                "image_id": r.id,
+                "image_id": shown,
                 "mask_id": same.mask_id,
                 "mask_url": self.mask_url(same),
                 "s3": s3,
@@ -644,7 +675,7 @@ class Studio:
         if self.publisher is not None:
             s3 = self.publisher.summary(self.publisher.upload_masks(r.id, self.load(r.id, None).index, [m]))
             m = self.load(r.id, None).masks[m.mask_id]
-        return {"image_id": r.id, "mask_id": m.mask_id, "mask_url": self.mask_url(m), "s3": s3, "existing": False}
+        return {"image_id": shown, "mask_id": m.mask_id, "mask_url": self.mask_url(m), "s3": s3, "existing": False}
 
     # ---- health of the segmenter, never blocking a page ------------------------------------------
     def health(self, max_age_s: float = 30.0) -> tuple[bool, str]:
@@ -684,7 +715,7 @@ class Studio:
             raise InvalidInput("Sharing needs S3: set S3_BUCKET_NAME_STAGING (and credentials) first.")
         arr = self.render(image_id, instructions, background, owner)
         row = self.load(image_id, owner).row
-        return self.publisher.share(row.id, arr)
+        return {**self.publisher.share(row.id, arr), "image_id": shown_image_id(row.id, owner)}
 
     def cleanup_orphans(self) -> int:
         """Remove blobs no image refers to (left by a crash between blob write and commit)."""
@@ -737,15 +768,6 @@ def check_prompt(points: object, point_labels: object, box: object, width: int, 
     if not any(lab == 1 for lab in labels) and bx is None:
         raise InvalidInput("Give at least one include point (label 1) or a box.")
     return pts or None, labels or None, bx
-
-
-def check_image_id_lenient(image_id: str) -> str:
-    """Looking up an id that could never exist answers like any unknown id (and never reaches SQL oddly)."""
-    try:
-        return check_image_id(image_id)
-    except InvalidInput:
-        shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
-        raise NotFound(f"No image with id {shown!r}. /list_images shows the stored ones.") from None
 
 
 def _id_range(loaded: Loaded) -> str:

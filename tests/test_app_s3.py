@@ -362,7 +362,7 @@ def test_a_retry_on_request_uploads_the_callers_pending_originals(server, tmp_pa
     assert (kind, state) == ("original", "uploaded")
     body = server.raw_client().get_object(Bucket=bucket, Key=original)["Body"].read()
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), make_photo(H, W))
-    assert [state for _, _, state in studio.db.objects("bobs")] == ["pending"]  # not the caller's
+    assert [state for _, _, state in studio.db.objects(studio.find("bobs", "bob").id)] == ["pending"]  # not yours
     assert studio.retry_uploads(None)["uploaded"] == 5  # everyone's (start-up, admin)
     assert len(objects(server, bucket)) == 10
 

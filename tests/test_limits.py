@@ -187,9 +187,10 @@ def test_retention_removes_old_images_and_their_blobs(tmp_path):
     assert studio.purge_expired(later) == 0
     # Make "old" 10 days old in the database, as if it had been stored then.
     ten_days_ago = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10)).isoformat(timespec="seconds")
-    studio.db.db.execute("UPDATE images SET created_at = ? WHERE id = 'old'", (ten_days_ago,))
+    old, new = studio.find("old", "alice").id, studio.find("new", "bob").id
+    studio.db.db.execute("UPDATE images SET created_at = ? WHERE id = ?", (ten_days_ago, old))
     assert studio.purge_expired() == 1
-    assert [r.id for r in studio.db.list_images(None)] == ["new"]
+    assert [r.id for r in studio.db.list_images(None)] == [new]
     assert sorted(studio.blobs.keys()) == sorted(studio.db.blob_keys())
     assert make_studio(tmp_path / "off").purge_expired(later + dt.timedelta(days=999)) == 0
 

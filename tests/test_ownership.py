@@ -75,11 +75,34 @@ def test_segment_on_someone_elses_image_answers_like_an_unknown_id(keyed):
 def test_admin_lists_and_deletes_everything(keyed, photo):
     _, clients = keyed
     clients["bob"].predict(handle_file(photo), "bob-doomed", api_name="/generate_and_store_masks")
-    listed = {i["image_id"] for i in clients["admin"].predict(api_name="/list_images")}
-    assert {"alice-img", "bob-img", "bob-doomed"} <= listed
-    assert clients["admin"].predict("bob-doomed", api_name="/image_info")["mask_count"] == 4
-    assert clients["admin"].predict("bob-doomed", api_name="/delete_image")["image_id"] == "bob-doomed"
+    # The admin sees every image with its owner, under the id it is stored as (an owner's own ids carry
+    # the owner's tag, so two owners may use the same id), and reads and deletes by that id.
+    listed = {i["image_id"]: i["owner"] for i in clients["admin"].predict(api_name="/list_images")}
+    by_name = {image_id.split(".")[0]: (image_id, owner) for image_id, owner in listed.items()}
+    assert {k: v[1] for k, v in by_name.items() if k in ("alice-img", "bob-img", "bob-doomed")} == {
+        "alice-img": "alice",
+        "bob-img": "bob",
+        "bob-doomed": "bob",
+    }
+    doomed = by_name["bob-doomed"][0]
+    assert clients["admin"].predict(doomed, api_name="/image_info")["mask_count"] == 4
+    assert clients["admin"].predict(doomed, api_name="/delete_image")["image_id"] == doomed
     assert [i["image_id"] for i in clients["bob"].predict(api_name="/list_images")] == ["bob-img"]
+
+
+def test_owners_may_use_the_same_id_and_cannot_learn_that_another_does(keyed, photo):
+    _, clients = keyed
+    # Bob picks the id Alice uses: it is his, as if nobody else had it (nothing to learn from a refusal).
+    mine = clients["bob"].predict(handle_file(photo), "alice-img", api_name="/generate_and_store_masks")
+    assert mine["image_id"] == "alice-img"
+    assert {i["image_id"] for i in clients["bob"].predict(api_name="/list_images")} >= {"alice-img", "bob-img"}
+    # Each owner reaches their own image under that id; Bob's delete leaves Alice's image alone.
+    assert clients["bob"].predict("alice-img", api_name="/delete_image")["image_id"] == "alice-img"
+    assert clients["alice"].predict("alice-img", api_name="/image_info")["mask_count"] == 4
+    # Taken twice by the same owner is still a clear refusal.
+    assert "already taken" in error_of(
+        lambda: clients["alice"].predict(handle_file(photo), "alice-img", api_name="/generate_and_store_masks")
+    )
 
 
 @pytest.mark.parametrize(
