@@ -833,17 +833,22 @@ def create_studio(settings: Settings) -> Studio:
         s3_error=s3_error,
     )
     studio.health()  # the first check starts now, in the background, not when the first page asks
-    studio.purge_expired()
+    # Expired images go before the first request; their S3 objects are deleted by the retry below (in the
+    # background, after the bucket check), so a slow or hung S3 cannot hold up the start.
+    studio.purge_expired(flush_s3=False)
     studio.cleanup_orphans()
-    if studio.s3 is not None and studio.check_s3()[0]:
-        # Checked once (log + status line); uploads a crash or an outage left pending go in the background.
-        threading.Thread(target=_retry_in_background, args=(studio,), daemon=True).start()
+    if studio.s3 is not None:
+        # The bucket is checked once (log + status line), then what a crash or an outage left pending is
+        # uploaded or deleted: in the background, so a slow or hung S3 does not hold up the start.
+        threading.Thread(target=_check_and_retry_s3, args=(studio,), daemon=True, name="s3 start-up").start()
     if settings.retention_days > 0:
         run_periodically(studio.purge_expired, RETENTION_SWEEP_S, "retention sweep")
     return studio
 
 
-def _retry_in_background(studio: Studio) -> None:
+def _check_and_retry_s3(studio: Studio) -> None:
+    if not studio.check_s3()[0]:
+        return
     try:
         result = studio.retry_uploads(None)
         if result["uploaded"] or result["failed"] or result.get("deleted") or result.get("error"):

@@ -53,7 +53,7 @@ class MaskPublisher:
         self.db = db
         self.settings = settings
         self.on_change = on_change  # the studio's cached mask rows of that image are stale
-        self.status: tuple[bool, str] = (True, "off")
+        self.status: tuple[bool, str] = (True, f"bucket {s3.bucket}: checking…")  # until check() has run
 
     def check(self) -> tuple[bool, str]:
         """Check the bucket once (at start-up): the sentence goes to the log and the status line."""

@@ -554,8 +554,9 @@ class Studio:
         if self.publisher is not None and s3_now:
             self.publisher.delete_now(row.id, s3_keys)
 
-    def purge_expired(self, now: dt.datetime | None = None) -> int:
-        """Delete images older than RETENTION_DAYS (with their blobs); returns how many."""
+    def purge_expired(self, now: dt.datetime | None = None, *, flush_s3: bool = True) -> int:
+        """Delete images older than RETENTION_DAYS (with their blobs); returns how many. Their S3 objects
+        are deleted too (`flush_s3`), or left recorded for the next retry (at start-up: S3 may be slow)."""
         days = self.settings.retention_days
         if days <= 0:
             return 0
@@ -566,7 +567,7 @@ class Studio:
             self._delete_row(row, s3_now=False)
         if expired:
             log.info("Retention: deleted %d image(s) older than %g days.", len(expired), days)
-        if self.publisher is not None:  # these images' objects, and any an earlier delete could not remove
+        if self.publisher is not None and flush_s3:  # these images' objects, and any an earlier delete missed
             self.publisher.flush_deletions()
         return len(expired)
 

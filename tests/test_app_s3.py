@@ -152,9 +152,19 @@ def test_pending_uploads_are_retried_at_start(server, tmp_path, house_photo):
         assert len(objects(server, bucket)) == 4
 
 
+def checked_s3_status(studio, timeout_s: float = 30):
+    """The status line's S3 part once the start-up check (in the background) has run."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while "checking" in studio.s3_status[1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return studio.s3_status
+
+
 def test_missing_bucket_is_reported_at_start_and_the_app_works(server, tmp_path, house_photo):
     with s3_app(server, tmp_path, "no-such-bucket-here") as (url, studio, _):
-        ok, sentence = studio.s3_status
+        ok, sentence = checked_s3_status(studio)
         assert not ok and "no-such-bucket-here" in sentence
         out = Client(url, verbose=False).predict(handle_file(house_photo), api_name="/generate_and_store_masks")
         assert out["mask_count"] == 4 and out["s3"]["failed"] == 4
@@ -201,7 +211,7 @@ def test_bad_credentials_keep_the_masks_and_say_why_without_the_secret(server, t
     server.enforce_auth(True)
     try:
         with s3_app(server, tmp_path, bucket) as (url, studio, _):
-            ok, sentence = studio.s3_status
+            ok, sentence = checked_s3_status(studio)
             assert not ok and "secret access key does not match" in sentence
             c = Client(url, verbose=False)
             out = c.predict(handle_file(house_photo), "house", api_name="/generate_and_store_masks")
