@@ -335,21 +335,15 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
         data = _upload_bytes(file)
         if data is None:
             raise InvalidInput("Choose an image file to upload.")
-        cancel, watch = threading.Event(), LeaveWatch(demo, request)
-
-        def report(fraction: float, text: str) -> None:
-            if watch.gone():
-                cancel.set()  # the tab was closed: stop a (possibly paid) segmentation still running
-            progress(fraction, desc=text)
-
-        summary = studio.generate_and_store(
-            data,
-            image_id=(custom_id or "").strip() or None,
-            owner=owner_of(sess),
-            progress=report,
-            address=client_address(request),
-            cancel=cancel,
-        )
+        with cancel_on_leave(demo, request) as cancel:  # the tab closed: stop a (possibly paid) segmentation
+            summary = studio.generate_and_store(
+                data,
+                image_id=(custom_id or "").strip() or None,
+                owner=owner_of(sess),
+                progress=lambda fraction, text: progress(fraction, desc=text),
+                address=client_address(request),
+                cancel=cancel,
+            )
         sess = new_session(summary["image_id"], owner_of(sess))
         gr.Info(f"{summary['mask_count']} masks from the {summary['engine']}.", duration=4)
         warn_s3(summary["s3"], summary["mask_count"])
@@ -546,15 +540,10 @@ def build_demo(settings: Settings, studio: Studio, outputs: Outputs | None = Non
             if original_image_b64 is None:
                 raise InvalidInput("Send an image: `image` as a file, or `original_image_b64`.")
             data = imaging.decode_base64(original_image_b64)
-        cancel, watch = threading.Event(), LeaveWatch(demo, request)
-
-        def report(fraction: float, text: str) -> None:
-            if watch.gone():
-                cancel.set()  # the client cancelled or went away: stop a (possibly paid) segmentation
-
-        return studio.generate_and_store(
-            data, image_id=image_id, owner=caller.owner, address=client_address(request), progress=report, cancel=cancel
-        )
+        with cancel_on_leave(demo, request) as cancel:  # the client cancelled or went away: stop segmenting
+            return studio.generate_and_store(
+                data, image_id=image_id, owner=caller.owner, address=client_address(request), cancel=cancel
+            )
 
     def render_masks(
         image_id: str, render_instructions: list[dict], background: str = "original", request: gr.Request = None
