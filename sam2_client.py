@@ -62,7 +62,7 @@ from sam2_responses import (
     resize_nearest,
     to_record,
 )
-from settings import Settings
+from settings import Settings, host_port, public_url
 
 # progress(fraction 0..1, description)
 Progress = Callable[[float, str], None]
@@ -237,7 +237,7 @@ class HttpSegmenter:
             self._auth["Authorization"] = f"Basic {self._token}"
             secrets.append(self._token)
         self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
-        netloc = _host_port(parts.hostname, parts.port)
+        netloc = host_port(parts.hostname, parts.port)
         self._parts = (parts.scheme, netloc, parts.path.rstrip("/"), parts.query)
         self._base = self._endpoint("")
         self._origin = (parts.scheme, parts.hostname.lower(), parts.port)
@@ -922,21 +922,13 @@ def _retry_after(value: str | None) -> float | None:
 def _safe_url(url: str) -> str:
     """A URL fit for a message or a log: no user:password, no query string (it may hold a key). Never raises."""
     try:
-        parts = urlsplit(url)
-        netloc = _host_port(parts.hostname or "", parts.port)
-        return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
+        return public_url(url) + ("?…" if urlsplit(url).query else "")
     except ValueError:  # not a valid URL (bad port, bad IPv6 address): cut by hand what may hold a secret
         head, query = url.partition("#")[0], ""
         head, mark, query = head.partition("?")
         scheme, sep, rest = head.rpartition("://") if "://" in head else ("", "", head)
         netloc, slash, path = rest.partition("/")
         return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}" + ("?…" if mark else "")
-
-
-def _host_port(host: str, port: int | None) -> str:
-    """host[:port] for a URL, an IPv6 address in brackets."""
-    host = f"[{host}]" if ":" in host else host
-    return f"{host}:{port}" if port else host
 
 
 def _checked_url(base: str, ref: str) -> tuple[str, SplitResult]:

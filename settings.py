@@ -92,16 +92,17 @@ class Settings:
 
 
 def public_url(url: str) -> str:
-    """A URL as it may be shown to people and logs: without user:password@ and without a query string."""
+    """A URL as it may be shown to people and logs: without user:password@ and without a query string.
+
+    ValueError for what cannot be read as a URL (a bad port or IPv6 address)."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    try:
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-    except ValueError:
-        pass
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return urlunsplit((parts.scheme, host_port(parts.hostname or "", parts.port), parts.path, "", ""))
+
+
+def host_port(host: str, port: int | None) -> str:
+    """host[:port] for a URL, an IPv6 address in brackets."""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port else host
 
 
 def _get(env: Mapping[str, str], *names: str) -> str | None:
@@ -192,7 +193,7 @@ def _parse(env: Mapping[str, str]) -> dict:
         "s3_object_acl": _get(env, "S3_OBJECT_ACL"),
         "s3_upload_originals": _bool(_get(env, "S3_UPLOAD_ORIGINALS")),
         # Off a Space the default is open (one owner); on a public Space, per-owner data by default.
-        "auth_mode": _choice(env, "AUTH_MODE", ("open", "keys")) or ("keys" if _get(env, "SPACE_ID") else None),
+        "auth_mode": _space_default(env, _choice(env, "AUTH_MODE", ("open", "keys")), "keys"),
         "app_api_keys": _api_keys(_get(env, "APP_API_KEYS")) or None,
         "admin_api_key": _get(env, "ADMIN_API_KEY"),
         # A public Space limits stored images unless told otherwise (0 turns it off there too).
@@ -200,7 +201,7 @@ def _parse(env: Mapping[str, str]) -> dict:
         "max_images_per_owner": _space_default(env, _number(env, int, ("MAX_IMAGES_PER_OWNER",), 0), SPACE_IMAGES),
         "retention_days": _number(env, float, ("RETENTION_DAYS",), 0),
         # HF_LOGIN as set wins (false turns the button off on a Space too); unset: on by itself on a Space.
-        "hf_login": _bool(_get(env, "HF_LOGIN")) if _get(env, "HF_LOGIN") else bool(_get(env, "SPACE_ID")) or None,
+        "hf_login": _space_default(env, _bool(_get(env, "HF_LOGIN")), True),
     }
     known = {f.name for f in fields(Settings)}
     assert set(out) <= known

@@ -125,6 +125,16 @@ def shown_image_id(stored: str, owner: str | None) -> str:
     return stored if owner is None else stored.split(".", 1)[0]
 
 
+def id_taken(image_id: str) -> Conflict:
+    return Conflict(f"Image id {image_id!r} is already taken: choose another id, or delete that image first.")
+
+
+def no_such_image(image_id: str) -> NotFound:
+    """What an unknown id (or someone else's) answers, whoever asks."""
+    shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
+    return NotFound(f"No image with id {shown!r}. /list_images shows the stored ones.")
+
+
 def new_image_id(now: _dt.datetime | None = None) -> str:
     """`img_YYYYMMDD_HHMMSS_<8 hex>`, the old backend's form."""
     now = now or _dt.datetime.now(_dt.timezone.utc)
@@ -305,7 +315,7 @@ class Database:
         concurrent inserts can never take an owner past it (LimitExceeded).
         """
         if self.image_exists(row.id):
-            raise Conflict(f"Image id {row.id!r} is already taken: choose another id, or delete that image first.")
+            raise id_taken(row.id)
 
         def quota(conn: sqlite3.Connection) -> None:
             (count,) = conn.execute("SELECT count(*) FROM images WHERE owner = ?", (row.owner,)).fetchone()
@@ -324,9 +334,7 @@ class Database:
                 guard=quota if max_per_owner > 0 else None,
             )
         except Conflict:
-            raise Conflict(
-                f"Image id {row.id!r} is already taken: choose another id, or delete that image first."
-            ) from None
+            raise id_taken(row.id) from None
 
     def image_exists(self, image_id: str) -> bool:
         return bool(self._q("SELECT 1 FROM images WHERE id = ?", (image_id,)))
@@ -335,7 +343,7 @@ class Database:
         """The image row; someone else's image answers exactly like an unknown id."""
         rows = self._q(f"SELECT {_IMAGE_COLS} FROM images WHERE id = ?", (image_id,))
         if not rows or (owner is not None and rows[0][1] != owner):
-            raise NotFound(f"No image with id {image_id!r}. /list_images shows the stored ones.")
+            raise no_such_image(image_id)
         return ImageRow(*rows[0])
 
     def list_images(self, owner: str | None = None, limit: int = 1000) -> list[ImageRow]:

@@ -37,7 +37,9 @@ from storage import (
     ImageRow,
     MaskRow,
     check_image_id,
+    id_taken,
     new_image_id,
+    no_such_image,
     shown_image_id,
     stored_image_id,
 )
@@ -47,6 +49,7 @@ log = logging.getLogger("mask_studio")
 DISPLAY_MAX_SIDE = 1024
 CACHE_BUDGET_BYTES = 1_500_000_000
 MAX_LIST = 1000
+NO_OBJECT = "The segmenter found no object at those prompts."
 MAX_VERSIONS = 100_000  # image versions remembered for the cache (then all reset at once, safely)
 
 
@@ -135,11 +138,11 @@ class Studio:
         self._cache: OrderedDict[str, Loaded] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
-        self._versions: dict[str, int] = {}  # bumped by _forget: a build that saw an older one is not cached
+        self._versions: dict[str, int] = {}  # bumped when rows change: a build that saw older ones is not cached
         self._epoch = 0
         self.segment_limiter = RateLimiter(settings.segment_rate_limit)
         # No bucket, no publisher: masks then have no URL and the S3 endpoints say S3 is not configured.
-        self.publisher = MaskPublisher(s3, db, settings, on_change=self._forget) if s3 is not None else None
+        self.publisher = MaskPublisher(s3, db, settings, on_change=self._urls_changed) if s3 is not None else None
 
     @property
     def s3(self) -> S3BlobStore | None:
@@ -220,14 +223,17 @@ class Studio:
         address: str | None,
         records_for: Callable[[np.ndarray], list[dict]],
         say: Progress,
+        empty: str | None = None,
     ) -> dict:
-        """The one ingest path: checks, segmentation, blob + one DB transaction, index, S3 uploads."""
+        """The one ingest path: checks, segmentation, blob + one DB transaction, index, S3 uploads.
+
+        `empty`: the refusal when the segmenter's masks are all empty (nothing is stored then)."""
         self.check_room(owner)  # before segmenting: a full library must not cost a segmentation
         if image_id is not None and image_id != "":
             wanted = check_image_id(image_id)
             image_id = stored_image_id(wanted, owner)  # each owner's ids are their own
             if self.db.image_exists(image_id):
-                raise Conflict(f"Image id {wanted!r} is already taken: choose another id, or delete that image first.")
+                raise id_taken(wanted)
         else:
             image_id = new_image_id()
         say(0.02, "Reading the image")
@@ -237,6 +243,8 @@ class Studio:
         h, w = rgb.shape[:2]
         self.allow_segmentation(owner, address)  # counted when attempted, whatever the outcome
         mask_rows = self._mask_rows(image_id, records_for(rgb), (h, w))
+        if empty is not None and not mask_rows:
+            raise SegmentationRejected(empty)
         say(0.78, f"Storing {len(mask_rows)} masks")
         row = ImageRow(
             id=image_id,
@@ -258,10 +266,7 @@ class Studio:
             raise
         except Conflict:  # the same id, taken by a concurrent upload of the same owner
             self.blobs.delete(row.blob_key)
-            raise Conflict(
-                f"Image id {shown_image_id(image_id, owner)!r} is already taken: choose another id, "
-                "or delete that image first."
-            ) from None
+            raise id_taken(shown_image_id(image_id, owner)) from None
         except BaseException:
             self.blobs.delete(row.blob_key)
             raise
@@ -351,7 +356,7 @@ class Studio:
         )
 
     def _version(self, image_id: str) -> tuple[int, int]:
-        """The image's version (call under _cache_lock): it changes whenever _forget runs for it."""
+        """The image's version (call under _cache_lock): it changes whenever its rows do (_bump)."""
         return self._epoch, self._versions.get(image_id, 0)
 
     def _remember(self, loaded: Loaded, version: tuple[int, int] | None = None) -> None:
@@ -370,10 +375,27 @@ class Studio:
         """The image's rows changed: drop its cached copy, and any build under way from older rows."""
         with self._cache_lock:
             self._cache.pop(image_id, None)
-            if len(self._versions) >= MAX_VERSIONS:
-                self._versions.clear()
-                self._epoch += 1  # every version read before this one is now stale
-            self._versions[image_id] = self._versions.get(image_id, 0) + 1
+            self._bump(image_id)
+
+    def _urls_changed(self, image_id: str) -> None:
+        """Only the S3 fields of some mask rows changed (the publisher): the cached copy takes the new rows
+        in place; dropping it would cost a whole index rebuild at the next click after every upload."""
+        with self._cache_lock:
+            self._bump(image_id)  # a build under way read the older rows: it is not cached
+            hit = self._cache.get(image_id)
+            if hit is not None:
+                rows = {m.mask_id: m for m in self.db.masks(image_id)}
+                if rows.keys() == hit.masks.keys():
+                    hit.masks = rows
+                else:  # masks were added or the image deleted meanwhile: rebuilt at the next load
+                    self._cache.pop(image_id, None)
+
+    def _bump(self, image_id: str) -> None:
+        """A new version of the image's rows (call under _cache_lock)."""
+        if len(self._versions) >= MAX_VERSIONS:
+            self._versions.clear()
+            self._epoch += 1  # every version read before this one is now stale
+        self._versions[image_id] = self._versions.get(image_id, 0) + 1
 
     def load(self, image_id: object, owner: str | None) -> Loaded:
         """The image, from the cache or rebuilt from storage; another owner's image is 'not found'."""
@@ -403,8 +425,7 @@ class Studio:
         if not isinstance(image_id, str) or not image_id:
             raise InvalidInput("image_id is required (a string such as 'img_20260101_120000_ab12cd34').")
         if not STORED_ID.fullmatch(image_id):
-            shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
-            raise NotFound(f"No image with id {shown!r}. /list_images shows the stored ones.")
+            raise no_such_image(image_id)
         if owner is not None and "." not in image_id:
             try:
                 return self.db.get_image(stored_image_id(image_id, owner), owner)
@@ -452,15 +473,15 @@ class Studio:
         m = loaded.masks[candidates[0]]
         return {"mask_id": m.mask_id, "candidates": candidates, "area": m.area, "bbox": m.bbox}
 
-    def mask(self, loaded: Loaded, mask_id: object) -> MaskRow:
+    def mask(self, loaded: Loaded, mask_id: object, owner: str | None = None) -> MaskRow:
         mid = check_mask_id(mask_id)
         if mid not in loaded.masks:
-            raise NotFound(f"Image {shown_image_id(loaded.row.id, '')} has no mask {mid} ({_id_range(loaded)}).")
+            raise NotFound(f"Image {shown_image_id(loaded.row.id, owner)} has no mask {mid} ({_id_range(loaded)}).")
         return loaded.masks[mid]
 
     def mask_png(self, image_id: object, mask_id: object, owner: str | None) -> bytes:
         loaded = self.load(image_id, owner)
-        m = self.mask(loaded, mask_id)
+        m = self.mask(loaded, mask_id, owner)
         return rle.to_png(loaded.index.mask(m.mask_id))
 
     def render(
@@ -508,7 +529,7 @@ class Studio:
         else:
             if not isinstance(mask_ids, (list, tuple)):
                 raise InvalidInput("mask_ids must be a list of mask ids, or null for all masks.")
-            chosen = list(dict.fromkeys(self.mask(loaded, m).mask_id for m in mask_ids))
+            chosen = list(dict.fromkeys(self.mask(loaded, m, owner).mask_id for m in mask_ids))
         annotations = []
         for mid in chosen:
             m = loaded.masks[mid]
@@ -589,20 +610,13 @@ class Studio:
 
             def prompted(rgb: np.ndarray) -> list[dict]:
                 pts, labels, bx = check_prompt(points, point_labels, box, rgb.shape[1], rgb.shape[0])
-                record = self.segmenter.segment(rgb, points=pts, point_labels=labels, box=bx, cancel=cancel)
-                if not self._mask_rows("check", [record], rgb.shape[:2]):  # before anything is stored
-                    raise SegmentationRejected("The segmenter found no object at those prompts.")
-                return [record]
+                return [self.segmenter.segment(rgb, points=pts, point_labels=labels, box=bx, cancel=cancel)]
 
-            out = self._ingest(data, image_id, owner, address, prompted, lambda f, t: None)
-            loaded = self.load(out["image_id"], owner)
-            m = loaded.masks[out["mask_ids"][0]] if out["mask_ids"] else None
-            if m is None:
-                raise SegmentationRejected("The segmenter found no object at those prompts.")
+            out = self._ingest(data, image_id, owner, address, prompted, lambda f, t: None, empty=NO_OBJECT)
             return {
                 "image_id": out["image_id"],
-                "mask_id": m.mask_id,
-                "mask_url": self.mask_url(m),
+                "mask_id": out["mask_ids"][0],
+                "mask_url": out["mask_urls"][0],
                 "s3": out["s3"],
                 "existing": False,
             }
@@ -659,7 +673,7 @@ class Studio:
         shown = shown_image_id(r.id, owner)
         rows = self._mask_rows(r.id, [record], (r.height, r.width))
         if not rows:
-            raise SegmentationRejected("The segmenter found no object at those prompts.")
+            raise SegmentationRejected(NO_OBJECT)
         same = next((m for m in loaded.masks.values() if m.counts == rows[0].counts), None)
         if same is not None:  # already one of this image's masks (e.g. picked from the hierarchy): no copy
             s3 = None if self.publisher is None else {"uploaded": 0, "failed": 0}

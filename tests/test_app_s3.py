@@ -445,3 +445,16 @@ def test_an_object_added_with_s3_down_says_it_failed(server, tmp_path):
     assert "Could not connect to the S3 endpoint" in out["s3"]["error"]
     assert studio.retry_uploads("local")["uploaded"] == 1
     assert studio.info("house", "local")["available_masks"][out["mask_id"]]["mask_url"]
+
+
+def test_uploading_the_masks_keeps_the_built_index(server, tmp_path):
+    """The upload changes only the masks' URLs: the image built at ingest serves the next click as it is."""
+    bucket = new_bucket(server)
+    studio = s3_studio(server, tmp_path, bucket)
+    builds = []
+    build = studio._build
+    studio._build = lambda *a: builds.append(1) or build(*a)
+    studio.generate_and_store(PHOTO, image_id="house")
+    assert studio.mask_at_point("house", 38, 60, "local")["mask_id"] is not None
+    assert all(m["mask_url"] for m in studio.info("house", "local")["available_masks"])
+    assert len(builds) == 1  # built once, at ingest; not again after the upload
