@@ -27,7 +27,7 @@ import masks as rle
 import render
 from access import Access, Caller, browser_secret, is_browser_key
 from errors import InvalidInput, MaskStudioError, Unauthorized
-from sam2_client import make_segmenter
+from segmenter import make_segmenter
 from limits import run_periodically
 from settings import Settings
 from s3_store import S3BlobStore
@@ -815,7 +815,7 @@ def create_studio(settings: Settings) -> Studio:
         log.warning("S3: %s", s3_error)
     studio = Studio(
         settings,
-        make_segmenter(settings),
+        make_segmenter(settings)[0],  # (engine, reason): the reason is logged; the app rewrite shows it
         Database(settings.db_path),
         LocalBlobStore(settings.blob_dir),
         s3,

@@ -37,8 +37,9 @@ import numpy as np
 
 import masks
 from errors import InvalidInput, SegmentationCancelled
-from sam2_client import Progress
+from segmenter import Progress
 from settings import ENGINE_BUILTIN
+from validation import check_prompt
 
 MIN_AREA_FRACTION = 1 / 2000  # masks smaller than this share of the image are specks
 MIN_SEPARATION = 1.5  # boundary-to-texture ratio below which two sibling regions are one thing cut in two
@@ -51,6 +52,7 @@ class BuiltinSegmenter:
     """Classical hierarchical segmenter implementing the `Segmenter` protocol (see module docstring)."""
 
     engine = ENGINE_BUILTIN
+    prompts_natively = True  # segment() walks the hierarchy: any prompt, any image, no stored masks needed
 
     def __init__(self, max_masks: int = 128, *, work_side: int = 512, cache_size: int = 4):
         if max_masks < 1:
@@ -87,13 +89,15 @@ class BuiltinSegmenter:
         `progress` and `cancel` are accepted like the SAM2 client's; this runs in well under a second."""
         rgb = _as_rgb(image)
         height, width = rgb.shape[:2]
-        pts, labels = _check_points(points, point_labels, width, height)
-        rect = _check_box(box, width, height)
-        if not pts and rect is None:
-            raise InvalidInput("Give at least one point or a box.")
+        pts, labels, checked_box = check_prompt(points, point_labels, box, width, height)
+        rect = _pixel_rect(checked_box) if checked_box is not None else None
         hier = self._hierarchy(rgb, None)
-        chosen = _choose(hier, pts, labels, rect)
+        chosen = _choose(hier, [(x, y) for x, y in pts or []], labels or [], rect)
         return _prompt_record(hier, chosen, rect)
+
+    def prepare(self, image: np.ndarray) -> None:
+        """Build (and cache) the image's hierarchy now, so the prompts that follow answer at once."""
+        self._hierarchy(image, None)
 
     def health(self) -> tuple[bool, str]:
         return True, f"{self.engine} ready"
@@ -187,52 +191,10 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def _check_points(points, labels, width: int, height: int) -> tuple[list[tuple[int, int]], list[int]]:
-    """Points → integer (x, y) pixels inside the image, labels → 0/1, with messages a person can act on."""
-    if points is None or len(points) == 0:
-        if labels:
-            raise InvalidInput(f"Got {len(labels)} point labels but no points.")
-        return [], []
-    try:
-        xy = [(float(p[0]), float(p[1])) for p in points]
-    except (TypeError, ValueError, IndexError) as exc:
-        raise InvalidInput("Points must be a list of [x, y] pairs of numbers.") from exc
-    if labels is None:
-        labels = [1] * len(xy)
-    if len(labels) != len(xy):
-        raise InvalidInput(
-            f"Got {len(xy)} points but {len(labels)} point labels; give one label per point (1 include, 0 exclude)."
-        )
-    out_labels = []
-    for label in labels:
-        if label not in (0, 1):
-            raise InvalidInput(f"Point labels must be 1 (include) or 0 (exclude), got {label!r}.")
-        out_labels.append(int(label))
-    pixels = []
-    for x, y in xy:
-        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x < width and 0 <= y < height):
-            raise InvalidInput(
-                f"Point ({x:g}, {y:g}) is outside the image, which is {width}x{height} pixels "
-                f"(x from 0 to {width - 1}, y from 0 to {height - 1})."
-            )
-        pixels.append((int(x), int(y)))
-    return pixels, out_labels
-
-
-def _check_box(box, width: int, height: int) -> tuple[int, int, int, int] | None:
-    """Box [x0, y0, x1, y1] → half-open pixel rectangle (x0, y0, x1, y1) clipped to the image."""
-    if box is None:
-        return None
-    try:
-        x0, y0, x1, y1 = (float(v) for v in box)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput("A box must be [x0, y0, x1, y1] in pixels.") from exc
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
-        raise InvalidInput(f"A box must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {list(box)}.")
-    rect = (max(0, round(x0)), max(0, round(y0)), min(width, round(x1)), min(height, round(y1)))
-    if rect[2] <= rect[0] or rect[3] <= rect[1]:
-        raise InvalidInput(f"The box {list(box)} does not overlap the image, which is {width}x{height} pixels.")
-    return rect
+def _pixel_rect(box: list[float]) -> tuple[int, int, int, int]:
+    """A checked box [x0, y0, x1, y1] (inside the image) → half-open pixel rectangle, at least one pixel wide."""
+    x0, y0 = round(box[0]), round(box[1])
+    return x0, y0, max(x0 + 1, round(box[2])), max(y0 + 1, round(box[3]))
 
 
 # ---------------------------------------------------------------- building the hierarchy

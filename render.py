@@ -22,6 +22,7 @@ import numpy as np
 
 from errors import InvalidInput, LimitExceeded, NotFound
 from masks import bbox_of
+from validation import point_outside
 
 BACKGROUNDS = ("original", "dim", "transparent", "black", "white")
 MAX_INSTRUCTIONS = 10_000
@@ -74,7 +75,7 @@ class MaskIndex:
         """Ids of every mask containing pixel (x, y) (x = column), smallest area first, ties by id."""
         h, w = self.shape
         if not (0 <= x < w and 0 <= y < h):
-            raise InvalidInput(f"The point ({x}, {y}) is outside the image ({w}×{h}).")
+            raise InvalidInput(point_outside(x, y, w, h))
         s = int(self._labels[y, x])
         return self._set_members[self._set_ptr[s] : self._set_ptr[s + 1]].tolist()
 

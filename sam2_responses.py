@@ -3,7 +3,7 @@
 Pure functions, no HTTP (the client is `sam2_client.HttpSegmenter`): find the masks in an answer, decode
 inline segmentations (COCO RLE, base64 PNG/JPEG, data: URLs, 0/1 arrays), check their size against the image
 sent, build records at the original image size, keep the best, merge near-duplicates and pick the mask that
-answers a prompt. Response shapes are documented in docs/sam2-protocol.md.
+answers a prompt (for engines that cannot take prompts). Response shapes are documented in docs/sam2-protocol.md.
 """
 
 from __future__ import annotations
@@ -307,6 +307,22 @@ def pick_for_prompt(
     if box:
         return max(candidates, key=lambda r: (_box_iou(r["bbox"], box), rank(r)))
     return max(candidates, key=rank)
+
+
+def answer_from_masks(
+    records: list[dict], points: list | None, labels: list[int] | None, box: list[float] | None, engine: str
+) -> dict:
+    """A prompt answered by an engine that cannot take prompts: the best of its automatic masks, or why none.
+
+    The one path for such engines (prompts_natively False), whether the masks are the ones the studio stored
+    for the image or the ones the engine just made."""
+    chosen = pick_for_prompt(records, points, labels, box)
+    if chosen is None:
+        raise SegmentationRejected(
+            f"None of the {len(records)} masks the {engine} made for this image covers all include points "
+            "without an exclude point (it cannot segment from prompts directly)."
+        )
+    return dict(chosen)
 
 
 def _covers(record: dict, x: float, y: float) -> bool:

@@ -19,6 +19,8 @@ ENGINE_BUILTIN = "built-in classical segmenter (offline)"
 # (Not segmentations: behind the Space's proxy every visitor has the proxy's address, so a default per-address
 # limit would be one limit shared by everyone.)
 SPACE_IMAGES = 50
+# SEGMENTER: auto = the SAM2 service when SAM_API_URL is set, else MobileSAM when it loads, else built-in.
+SEGMENTER_CHOICES = ("auto", "service", "mobilesam", "builtin")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class Settings:
     max_image_pixels: int = 40_000_000
     max_upload_mb: int = 50
     max_masks: int = 128
+    # Which engine segments (segmenter.make_segmenter), and where in-process models are found
+    segmenter: str = "auto"
+    mobilesam_checkpoint: Path | None = None  # a local mobile_sam.pt; unset: looked for in models_dir
+    models_folder: Path | None = None  # MODELS_DIR; unset: <data_dir>/models (see models_dir)
     # External SAM2 service (unset: the built-in segmenter runs)
     sam_api_url: str | None = field(default=None, repr=False)  # may hold user:password@
     sam_api_token: str | None = field(default=None, repr=False)
@@ -67,6 +73,11 @@ class Settings:
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def models_dir(self) -> Path:
+        """Where model weights are kept and downloaded to: MODELS_DIR, else <DATA_DIR>/models."""
+        return self.models_folder if self.models_folder is not None else self.data_dir / "models"
 
     @property
     def max_upload_bytes(self) -> int:
@@ -172,6 +183,9 @@ def _parse(env: Mapping[str, str]) -> dict:
         "max_image_pixels": _number(env, int, ("MAX_IMAGE_PIXELS",), 1),
         "max_upload_mb": _number(env, int, ("MAX_UPLOAD_MB",), 1),
         "max_masks": _number(env, int, ("MAX_MASKS",), 1),
+        "segmenter": _choice(env, "SEGMENTER", SEGMENTER_CHOICES),
+        "mobilesam_checkpoint": Path(p) if (p := _get(env, "MOBILESAM_CHECKPOINT")) else None,
+        "models_folder": Path(p) if (p := _get(env, "MODELS_DIR")) else None,
         "sam_api_url": (u.rstrip("/") if (u := _get(env, "SAM_API_URL")) else None),
         "sam_api_token": _get(env, "SAM_API_TOKEN"),
         "sam_api_timeout": _number(env, float, ("SAM_API_TIMEOUT",), 0.001),

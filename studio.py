@@ -27,7 +27,7 @@ from errors import Conflict, InvalidInput, LimitExceeded, NotFound, Segmentation
 from limits import RateLimiter, minutes_text
 from publish import MaskPublisher
 from s3_store import S3BlobStore
-from sam2_client import Progress, Segmenter
+from segmenter import Progress, Segmenter
 from sam2_responses import pick_for_prompt
 from settings import Settings
 from storage import (

@@ -306,17 +306,17 @@ def test_segment_works_before_generate_and_on_a_photo():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({}, "Give at least one point or a box."),
-        ({"points": []}, "Give at least one point or a box."),
-        ({"points": [[240, 5]]}, "Point (240, 5) is outside the image, which is 240x200 pixels"),
-        ({"points": [[5, -1]]}, "Point (5, -1) is outside the image, which is 240x200 pixels"),
-        ({"points": [[5, 5], [6, 6]], "point_labels": [1]}, "Got 2 points but 1 point labels"),
-        ({"points": [[5, 5]], "point_labels": [2]}, "Point labels must be 1 (include) or 0 (exclude), got 2."),
-        ({"points": [[5, 5]], "point_labels": [0]}, "Give at least one included point (label 1) or a box"),
-        ({"points": [["a", 5]]}, "Points must be a list of [x, y] pairs of numbers."),
+        ({}, "Give at least one include point (label 1) or a box."),
+        ({"points": []}, "Give at least one include point (label 1) or a box."),
+        ({"points": [[240, 5]]}, "Point (240, 5) is outside the image, which is 240×200 pixels"),
+        ({"points": [[5, -1]]}, "Point (5, -1) is outside the image, which is 240×200 pixels"),
+        ({"points": [[5, 5], [6, 6]], "point_labels": [1]}, "point_labels has 1 labels for 2 points"),
+        ({"points": [[5, 5]], "point_labels": [2]}, "point_labels must be a list of 1 (include) and 0 (exclude)"),
+        ({"points": [[5, 5]], "point_labels": [0]}, "Give at least one include point (label 1) or a box."),
+        ({"points": [["a", 5]]}, "x must be a number (a pixel coordinate), got 'a'."),
         ({"box": [10, 10, 5, 20]}, "x0 < x1 and y0 < y1"),
-        ({"box": [1, 2, 3]}, "A box must be [x0, y0, x1, y1] in pixels."),
-        ({"box": [300, 300, 400, 400]}, "does not overlap the image, which is 240x200 pixels"),
+        ({"box": [1, 2, 3]}, "box must be [x0, y0, x1, y1] in pixels."),
+        ({"box": [300, 300, 400, 400]}, "inside the image, which is 240×200 pixels"),
     ],
 )
 def test_prompt_errors_say_what_to_fix(segmenter, scene, kwargs, message):

@@ -264,7 +264,7 @@ def test_masks_at_an_empty_point_and_outside_the_image():
     assert index.masks_at(2, 0) == []
     with pytest.raises(InvalidInput) as err:
         index.masks_at(3, 0)
-    assert str(err.value) == "The point (3, 0) is outside the image (3×1)."
+    assert str(err.value) == "Point (3, 0) is outside the image, which is 3×1 pixels (x from 0 to 2, y from 0 to 0)."
 
 
 def test_an_index_without_masks():

@@ -31,7 +31,7 @@ from errors import (
     SegmentationTimeout,
     SegmentationUnreachable,
 )
-from sam2_client import HttpSegmenter, make_segmenter
+from sam2_client import HttpSegmenter
 from sam2_server import Reply, SamServer
 from settings import Settings
 
@@ -292,7 +292,7 @@ def test_prompted_segment_scales_prompts_and_picks_the_best_of_several(server, c
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({}, "at least one point or a box"),
+        ({}, "at least one include point"),
         ({"points": [[999, 1]]}, "outside"),
         ({"points": [[1, 1]], "point_labels": [1, 1]}, "point_labels"),
         ({"points": [[1, 1]], "point_labels": [0]}, "include point"),
@@ -643,7 +643,7 @@ def test_mask_url_content_is_verified(server, client, url, reply, message):
         server.add("GET", url, reply)
     server.add("POST", "/segment", Reply(json={"masks": [{"mask_url": url}]}))
     seg = client()
-    seg.max_mask_bytes = 4096
+    seg.http.max_mask_bytes = 4096
     with pytest.raises(SegmentationMaskURLError, match=message):
         seg.generate(make_image())
 
@@ -1046,20 +1046,3 @@ def test_a_bad_sam_api_url_is_a_clear_configuration_error(url, message):
     with pytest.raises(InvalidInput, match=message) as info:
         HttpSegmenter(Settings(sam_api_url=url))
     assert "hunter2" not in str(info.value) and info.value.title == "Configuration error"
-
-
-def test_make_segmenter_picks_the_http_client_when_a_url_is_set(server):
-    seg = make_segmenter(Settings(sam_api_url=server.url))
-    try:
-        assert isinstance(seg, HttpSegmenter)
-    finally:
-        seg.close()
-
-
-def test_make_segmenter_falls_back_to_the_builtin_segmenter():
-    builtin = pytest.importorskip("builtin_segmenter")
-    seg = make_segmenter(Settings(max_masks=7))
-    try:
-        assert isinstance(seg, builtin.BuiltinSegmenter)
-    finally:
-        seg.close()

@@ -51,6 +51,17 @@ def test_dotenv_fills_in_what_the_environment_leaves_unset(tmp_path):
     assert (s.port, s.data_dir, s.max_masks) == (9002, Path("/srv/masks"), 64)
 
 
+def test_engine_choice_and_model_folders():
+    s = Settings.from_env({"DATA_DIR": "/srv/masks"}, dotenv_path=None)
+    assert (s.segmenter, s.mobilesam_checkpoint, s.models_dir) == ("auto", None, Path("/srv/masks/models"))
+    s = Settings.from_env(
+        {"SEGMENTER": "MobileSAM", "MOBILESAM_CHECKPOINT": "/w/mobile_sam.pt", "MODELS_DIR": "/w"}, dotenv_path=None
+    )
+    assert (s.segmenter, s.mobilesam_checkpoint, s.models_dir) == ("mobilesam", Path("/w/mobile_sam.pt"), Path("/w"))
+    # the default follows DATA_DIR when settings are changed later, as db_path does
+    assert Settings().with_(data_dir=Path("/d")).models_dir == Path("/d/models")
+
+
 def test_secrets_are_not_in_repr():
     s = Settings.from_env(
         {"SAM_API_TOKEN": "sekrit-token", "APP_API_KEYS": "alice:k-123", "ADMIN_API_KEY": "adm"}, dotenv_path=None
@@ -67,6 +78,7 @@ def test_secrets_are_not_in_repr():
         ({"SAM_API_PROTOCOL": "grpc"}, "SAM_API_PROTOCOL must be one of mask-studio, cog, replicate; got 'grpc'."),
         ({"S3_URL_MODE": "private"}, "S3_URL_MODE must be one of public, presigned"),
         ({"APP_API_KEYS": "just-a-key"}, "APP_API_KEYS must look like 'owner1:key1,owner2:key2'."),
+        ({"SEGMENTER": "sam3"}, "SEGMENTER must be one of auto, service, mobilesam, builtin; got 'sam3'."),
     ],
 )
 def test_bad_values_say_what_to_fix(env, message):

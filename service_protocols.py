@@ -1,0 +1,118 @@
+"""The SAM2 service's protocols (mask-studio, cog, replicate) as small strategy objects, and the image they send.
+
+A protocol says what the HTTP client cannot guess: where the request goes and with which headers, the
+request body, whether the answer is a prediction to follow until it ends (cog, replicate), whether the
+POST creates a paid prediction that must be cancelled if we give up (replicate), which extra hosts its
+files live on, and whether it can segment from prompts at all (only mask-studio). Documented in
+docs/sam2-protocol.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from errors import InvalidInput
+from sam2_responses import Frame
+from settings import Settings
+
+PNG_MAX_PIXELS = 1 << 20  # up to 1 MP sent as lossless PNG; larger images as JPEG q95 (5-10x smaller)
+PREFER_WAIT_MAX = 60  # Replicate holds a `Prefer: wait=n` POST at most this long
+PREFER_WAIT_MARGIN = 5.0  # ...and we ask it to answer this long before SAM_API_TIMEOUT, to learn urls.cancel
+
+Endpoint = Callable[[str], str]  # SAM_API_URL with a suffix added to its path
+
+
+class ServiceProtocol:
+    """The mask-studio protocol (Mask Studio's own): POST {url}/segment, masks in the answer, prompts taken."""
+
+    name = "mask-studio"
+    prompts_natively = True  # has a prompt mode; the others only segment automatically
+    answers_prediction = False  # the answer is a prediction object to follow until it ends
+    creates_prediction = False  # the POST starts a paid prediction, cancelled if we give up
+    file_hosts: tuple[str, ...] = ()  # hosts its mask files live on, besides the service's own
+
+    def target(self, endpoint: Endpoint, settings: Settings) -> tuple[str, dict[str, str]]:
+        """Where the POST goes, and the headers this protocol adds."""
+        path = settings.sam_api_segment_path or "/segment"
+        return endpoint(path if path.startswith("/") else "/" + path), {}
+
+    def auto_body(self, data: bytes, mime: str, params: dict) -> dict[str, Any]:
+        return {"image": base64.b64encode(data).decode("ascii"), "mode": "auto", "params": params}
+
+    def prompt_body(self, data: bytes, frame: Frame, points, labels, box) -> dict[str, Any]:
+        """Prompts in original-image pixels, scaled to the image as sent."""
+        (H, W), (h, w) = frame.orig, frame.sent
+        sx, sy = w / W, h / H
+        body: dict[str, Any] = {"image": base64.b64encode(data).decode("ascii"), "mode": "points"}
+        if points:
+            body["points"] = [[x * sx, y * sy] for x, y in points]
+            body["point_labels"] = labels
+        if box:
+            body["box"] = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+        return body
+
+
+class CogProtocol(ServiceProtocol):
+    """A Cog container (e.g. meta/sam-2 run locally): POST {url}/predictions, a prediction object back."""
+
+    name = "cog"
+    prompts_natively = False
+    answers_prediction = True
+
+    def target(self, endpoint: Endpoint, settings: Settings) -> tuple[str, dict[str, str]]:
+        return endpoint("/predictions"), {}
+
+    def auto_body(self, data: bytes, mime: str, params: dict) -> dict[str, Any]:
+        return {"input": {"image": data_url(data, mime), **params}}
+
+    def prompt_body(self, data: bytes, frame: Frame, points, labels, box) -> dict[str, Any]:
+        raise InvalidInput(f"The {self.name} protocol cannot segment from prompts; pick among its automatic masks.")
+
+
+class ReplicateProtocol(CogProtocol):
+    """A hosted prediction (Replicate's HTTP API): POST {url} with Prefer: wait, poll urls.get, urls.cancel."""
+
+    name = "replicate"
+    creates_prediction = True
+    file_hosts = ("replicate.delivery",)  # where hosted predictions put their output files
+
+    def target(self, endpoint: Endpoint, settings: Settings) -> tuple[str, dict[str, str]]:
+        # Replicate holds the POST until the prediction ends or n s pass; n below SAM_API_TIMEOUT means the
+        # answer (and urls.cancel) always comes before we give up, so a prediction can always be cancelled.
+        return endpoint(""), {"Prefer": f"wait={prefer_wait(settings.sam_api_timeout)}"}
+
+
+PROTOCOLS: dict[str, ServiceProtocol] = {p.name: p for p in (ServiceProtocol(), CogProtocol(), ReplicateProtocol())}
+
+
+def prefer_wait(timeout: float) -> int:
+    return max(1, min(PREFER_WAIT_MAX, int(timeout - PREFER_WAIT_MARGIN)))
+
+
+def prepare_image(image: np.ndarray, settings: Settings) -> tuple[bytes, str, Frame]:
+    """The image as the service will get it: downscaled to SAM_MAX_SIDE, PNG (small) or JPEG (large)."""
+    H, W = image.shape[:2]
+    scale = min(1.0, settings.sam_max_side / max(H, W))
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))
+    im = Image.fromarray(image)
+    if (h, w) != (H, W):
+        im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    buf = io.BytesIO()
+    if h * w <= PNG_MAX_PIXELS:
+        im.save(buf, format="PNG", compress_level=1)
+        mime = "image/png"
+    else:
+        im.save(buf, format="JPEG", quality=95, subsampling=0)
+        mime = "image/jpeg"
+    max_pixels = max(settings.max_image_pixels, H * W)
+    return buf.getvalue(), mime, Frame(orig=(H, W), sent=(h, w), max_pixels=max_pixels)
+
+
+def data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
