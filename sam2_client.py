@@ -108,15 +108,15 @@ class HttpSegmenter:
         """One object's mask from point / box prompts (cog and replicate: picked from the automatic masks)."""
         _check_image(image)
         h, w = image.shape[:2]
-        points, point_labels, box = check_prompt(points, point_labels, box, w, h)
+        pts, labels, bx = check_prompt(points, point_labels, box, w, h)
         if self.prompts_natively:
-            return self._run(lambda call: self._prompted(call, image, points, point_labels, box), progress, cancel)
+            return self._run(lambda call: self._prompted(call, image, pts, labels, bx), progress, cancel)
         # One paid automatic call per image, then every prompt on it is answered from those masks.
         key = _image_key(image, DEFAULT_PARAMS)
         with self._auto_lock:
             cached = self._auto_cache[1] if self._auto_cache and self._auto_cache[0] == key else None
         records = cached if cached is not None else self.generate(image, progress=progress, cancel=cancel)
-        return answer_from_masks(records, points, point_labels, box, self.engine)
+        return answer_from_masks(records, pts, labels, bx, self.engine)
 
     def prepare(self, image: np.ndarray) -> None:
         """Nothing to warm: the service keeps no per-image state that Mask Studio could reuse."""
@@ -187,7 +187,7 @@ class HttpSegmenter:
                         f"(got {describe_json(prediction)})."
                     )
                 status = prediction["status"]
-                urls = prediction.get("urls") if isinstance(prediction.get("urls"), dict) else {}
+                urls: dict = prediction["urls"] if isinstance(prediction.get("urls"), dict) else {}
                 if status == "succeeded":
                     cancel_url, call.prediction, live = None, None, False
                     return prediction.get("output"), url

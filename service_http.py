@@ -354,9 +354,10 @@ class ServiceHttp:
             wait = retry_after if retry_after is not None else self.backoff * 2**attempt
             out_of_retries = attempt >= self._retries
             if out_of_retries or wait >= call.remaining():
-                # Give up: raise the failure, or hand the 429/5xx answer to _check_service to explain.
+                # Give up: raise the failure, or hand the 429/5xx answer to check_answer to explain.
                 if failure is not None:
                     raise failure from cause
+                assert reply is not None  # no failure: the service answered 429/5xx
                 reply.retries = attempt
                 if not out_of_retries:
                     reply.retry_after_refused = retry_after
