@@ -25,10 +25,12 @@ from gradio.data_classes import FileData
 import imaging
 import masks as rle
 import render
-from access import Access, Caller, browser_secret, is_browser_key
+from access import EVERYONE, Access, Caller, browser_secret, is_browser_key
 from errors import InvalidInput, MaskStudioError, Unauthorized
+from image_cache import ImageCache
+from publish import MaskPublisher
+from rate_limits import run_periodically
 from segmenter import make_segmenter
-from limits import run_periodically
 from settings import Settings
 from s3_store import S3BlobStore
 from storage import Database, LocalBlobStore
@@ -807,20 +809,18 @@ def _instructions(sess: dict) -> list[dict]:
 
 def create_studio(settings: Settings) -> Studio:
     """The real dependencies, as configured."""
+    db, blobs = Database(settings.db_path), LocalBlobStore(settings.blob_dir)
+    cache = ImageCache(db, blobs)
     try:
         s3 = S3BlobStore.from_settings(settings)
         s3_error = None
     except MaskStudioError as exc:  # e.g. a malformed S3_ENDPOINT_URL: say so, and start without S3
         s3, s3_error = None, f"not used: {exc.message}"
         log.warning("S3: %s", s3_error)
-    studio = Studio(
-        settings,
-        make_segmenter(settings)[0],  # (engine, reason): the reason is logged; the app rewrite shows it
-        Database(settings.db_path),
-        LocalBlobStore(settings.blob_dir),
-        s3,
-        s3_error=s3_error,
-    )
+    segmenter, engine_note = make_segmenter(settings)  # the note (why a preferred engine was not used) is logged there
+    # No bucket, no publisher: masks then have no URL and the S3 endpoints say S3 is not configured.
+    publisher = MaskPublisher(s3, db, settings, on_change=cache.rows_changed) if s3 is not None else None
+    studio = Studio(settings, segmenter, db, blobs, publisher, cache=cache, s3_error=s3_error)
     studio.health()  # the first check starts now, in the background, not when the first page asks
     # Expired images go before the first request; their S3 objects are deleted by the retry below (in the
     # background, after the bucket check), so a slow or hung S3 cannot hold up the start.
@@ -839,7 +839,7 @@ def _check_and_retry_s3(studio: Studio) -> None:
     if not studio.check_s3()[0]:
         return
     try:
-        result = studio.retry_uploads(None)
+        result = studio.retry_uploads(EVERYONE)
         if result["uploaded"] or result["failed"] or result.get("deleted") or result.get("error"):
             log.info("S3 at start-up: %s", result["message"])
     except MaskStudioError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import warnings
 
 import numpy as np
@@ -19,10 +20,27 @@ from errors import InvalidInput, LimitExceeded
 MIN_SIDE = 8
 READABLE = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 
-# PIL's own guard (warn above 89 MP, refuse above 179 MP, before reading the size) is replaced by ours:
-# MAX_IMAGE_PIXELS, checked on the header's size before any pixel is decoded, with a message that names
-# the size and the limit. Setting it here applies to every image this process opens, which is the point.
-Image.MAX_IMAGE_PIXELS = None
+# Our guard is MAX_IMAGE_PIXELS, checked on the header's size before any pixel is decoded. PIL's own guard
+# stays on (this module changes no process-wide setting): its warning above Image.MAX_IMAGE_PIXELS (89 MP)
+# is silenced where we open images, and its refusal above twice that is translated into our message.
+_PIL_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def _too_large(pixels: str, max_pixels: int) -> LimitExceeded:
+    """The one refusal of an image over the pixel limit; `pixels` is "W×H = N.N" or "N.N" megapixels."""
+    return LimitExceeded(
+        f"The image is {pixels} megapixels; the limit is {max_pixels / 1e6:.1f} megapixels "
+        "(MAX_IMAGE_PIXELS). Downscale it and try again."
+    )
+
+
+def _bomb(exc: Image.DecompressionBombError, max_pixels: int) -> LimitExceeded:
+    """PIL refused the header's size (over twice Image.MAX_IMAGE_PIXELS): our message, with the size PIL gives."""
+    found = _PIL_PIXELS.search(str(exc))
+    limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+    if found is None:
+        return _too_large(f"more than {limit / 1e6:.1f}", limit)
+    return _too_large(f"{int(found.group(1)) / 1e6:.1f}", limit)
 
 
 def _mb(n: int) -> str:
@@ -54,16 +72,15 @@ def load_image(data: bytes, *, max_pixels: int, max_bytes: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise _bomb(exc, max_pixels) from exc
     except UnidentifiedImageError:
         raise InvalidInput(f"This file is not an image Mask Studio can read ({READABLE}).") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidInput(f"This image could not be read ({exc}).") from exc
     w, h = im.size
     if w * h > max_pixels:
-        raise LimitExceeded(
-            f"The image is {w}×{h} = {w * h / 1e6:.1f} megapixels; the limit is "
-            f"{max_pixels / 1e6:.1f} megapixels (MAX_IMAGE_PIXELS). Downscale it and try again."
-        )
+        raise _too_large(f"{w}×{h} = {w * h / 1e6:.1f}", max_pixels)
     if min(w, h) < MIN_SIDE:
         raise InvalidInput(f"The image is {w}×{h} pixels; Mask Studio needs at least {MIN_SIDE}×{MIN_SIDE}.")
     try:
@@ -115,8 +132,11 @@ def encode_jpeg(arr: np.ndarray, *, quality: int = 95) -> bytes:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    """A stored image back to RGB (its size was checked at upload: PIL's size warning is not repeated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 def display_shape(shape: tuple[int, int], max_side: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import numpy as np
 import imaging
 import masks as rle
 import render
+from access import EVERYONE, Scope
 from errors import NotFound, StorageError
 from s3_store import DELETE_BATCH, S3BlobStore, UploadReport
 from sam2_client import Progress
@@ -159,11 +160,11 @@ class MaskPublisher:
             self._discard(image_id, [key])
         return None
 
-    def retry(self, owner: str | None, load: Callable[[str], Pixels]) -> dict:
-        """Upload the owner's pending masks and originals and delete the objects of their deleted images
-        (owner None: everyone's); `load` gives an image's pixels."""
+    def retry(self, scope: Scope, load: Callable[[str], Pixels]) -> dict:
+        """Upload the scope's pending masks and originals (one owner's, or EVERYONE's) and delete the objects
+        of its deleted images; `load` gives an image's pixels."""
         by_image: dict[str, list[MaskRow]] = {}
-        for m in self.db.pending_uploads(owner):
+        for m in self.db.pending_uploads(scope):
             by_image.setdefault(m.image_id, []).append(m)
         uploaded = failed = 0
         stopped = reason = ""
@@ -180,7 +181,7 @@ class MaskPublisher:
             failed += report.n_failed
             stopped = report.stopped
             reason = reason or self.summary(report).get("error", "")
-        for key, image_id, kind in self.db.pending_objects(owner):
+        for key, image_id, kind in self.db.pending_objects(scope):
             if kind != "original":
                 # A shared render whose upload failed or was cut short: its pixels are not kept anywhere,
                 # so it is dropped (its key deleted from S3), never filled with something else.
@@ -199,7 +200,7 @@ class MaskPublisher:
             else:
                 failed += 1
                 reason = reason or why
-        deleted, why = self.flush_deletions(owner) if not stopped else (0, "")
+        deleted, why = self.flush_deletions(scope) if not stopped else (0, "")
         message = (
             f"Uploaded {uploaded} pending object(s) to S3."
             if not failed
@@ -254,12 +255,12 @@ class MaskPublisher:
         self.db.record_s3_deletions(keys)
         self.delete_now(image_id, keys)
 
-    def flush_deletions(self, owner: str | None = None) -> tuple[int, str]:
-        """Delete the recorded objects of deleted images (one owner's, or everyone's).
+    def flush_deletions(self, scope: Scope = EVERYONE) -> tuple[int, str]:
+        """Delete the recorded objects of deleted images (one owner's, or EVERYONE's).
 
         Returns (how many were deleted, the reason the rest could not be, or "").
         """
-        keys = self.db.s3_deletions(owner)
+        keys = self.db.s3_deletions(scope)
         done = 0
         for start in range(0, len(keys), DELETE_BATCH):
             batch = keys[start : start + DELETE_BATCH]

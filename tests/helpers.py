@@ -63,6 +63,7 @@ class RecordsSegmenter:
     """A Segmenter that answers with the records it was given (to test the pipeline on known masks)."""
 
     engine = "fixed test segmenter"
+    prompts_natively = True
 
     def __init__(self, masks_for_shape):
         self.masks_for_shape = masks_for_shape
@@ -87,6 +88,9 @@ class RecordsSegmenter:
 
             raise SegmentationRejected("No mask fits those points.")
         return record(min(fits, key=lambda m: int(m.sum())))
+
+    def prepare(self, image):
+        pass
 
     def health(self):
         return True, "ready"

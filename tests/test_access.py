@@ -2,7 +2,18 @@
 
 import pytest
 
-from access import LOCAL_OWNER, Access, browser_secret, is_browser_key
+from access import (
+    EVERYONE,
+    LOCAL_OWNER,
+    Access,
+    browser_secret,
+    counted_as,
+    is_browser_key,
+    meanings,
+    owner_tag,
+    shown_image_id,
+    stored_image_id,
+)
 from errors import Unauthorized
 from settings import Settings
 
@@ -20,7 +31,7 @@ KEYED = Settings(auth_mode="keys", app_api_keys=(("alice", "alice-key-0123"),), 
 )
 def test_api_keys_name_their_owner(headers, owner, admin):
     caller = Access(KEYED).api_caller(headers)
-    assert (caller.owner, caller.admin, caller.scope) == (owner, admin, None if admin else owner)
+    assert (caller.owner, caller.admin, caller.scope) == (owner, admin, EVERYONE if admin else owner)
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic alice-key-0123"}])
@@ -58,3 +69,16 @@ def test_the_browser_secret_survives_a_restart(tmp_path):
     first = browser_secret(tmp_path / "data")
     assert len(first) >= 24 and browser_secret(tmp_path / "data") == first
     assert browser_secret(tmp_path / "other") != first
+
+
+def test_owner_scoped_ids():
+    tag = owner_tag("alice")
+    assert len(tag) == 12 and tag != owner_tag("bob")
+    assert stored_image_id("house", "alice") == f"house.{tag}" and stored_image_id("house", LOCAL_OWNER) == "house"
+    assert shown_image_id(f"house.{tag}", "alice") == "house"
+    assert shown_image_id(f"house.{tag}", EVERYONE) == f"house.{tag}"  # the admin sees stored ids
+    # What an id may name, in lookup order: the owner's own id, then a generated one kept as made.
+    assert meanings("img_1", "alice") == [f"img_1.{tag}", "img_1"]
+    assert meanings("house", LOCAL_OWNER) == ["house"]
+    assert meanings(f"house.{tag}", "alice") == [f"house.{tag}"] and meanings("house", EVERYONE) == ["house"]
+    assert counted_as(EVERYONE) == "admin" and counted_as("alice") == "alice"

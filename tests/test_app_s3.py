@@ -15,6 +15,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+import image_cache
+from access import EVERYONE
 from app_server import running_app
 from errors import StorageError
 from helpers import RecordsSegmenter, encode, house_masks, make_photo, record
@@ -22,6 +24,7 @@ from s3_server import DUMMY_KEY_ID, DUMMY_SECRET, REGION, MotoServer, SilentServ
 from s3_store import S3BlobStore, make_s3_client
 from settings import Settings
 from storage import Database, LocalBlobStore
+from publish import MaskPublisher
 from studio import Studio
 
 H, W = 96, 128
@@ -130,7 +133,7 @@ def test_s3_down_loses_nothing_and_retry_recovers(server, tmp_path, house_photo)
         for m in studio.db.masks("house"):
             body = raw.get_object(Bucket=bucket, Key=m.s3_key)["Body"].read()
             np.testing.assert_array_equal(
-                np.asarray(Image.open(io.BytesIO(body))), studio.load("house", None).index.mask(m.mask_id) * 255
+                np.asarray(Image.open(io.BytesIO(body))), studio.load("house", EVERYONE).index.mask(m.mask_id) * 255
             )
 
 
@@ -270,13 +273,10 @@ def s3_studio(server, tmp_path, bucket, *, endpoint=None, segmenter=None, db_cla
     store = S3BlobStore.from_settings(settings, server.session())
     if client is not None:
         store.client = make_s3_client(settings, server.session(), **client)
-    return Studio(
-        settings,
-        segmenter or RecordsSegmenter(house_masks),
-        db_class(settings.db_path),
-        LocalBlobStore(settings.blob_dir),
-        store,
-    )
+    db, blobs = db_class(settings.db_path), LocalBlobStore(settings.blob_dir)
+    cache = image_cache.ImageCache(db, blobs)
+    publisher = MaskPublisher(store, db, settings, on_change=cache.rows_changed)
+    return Studio(settings, segmenter or RecordsSegmenter(house_masks), db, blobs, publisher, cache=cache)
 
 
 @contextmanager
@@ -318,7 +318,7 @@ def test_a_crash_between_the_delete_and_s3_leaves_the_keys_for_the_next_start(se
     assert len(objects(server, bucket)) == 4
     studio.db.delete_image("house")  # the delete commits; the process dies before telling S3
     restarted = s3_studio(server, tmp_path, bucket)
-    assert restarted.retry_uploads(None)["deleted"] == 4  # what app.py runs at start-up
+    assert restarted.retry_uploads(EVERYONE)["deleted"] == 4  # what app.py runs at start-up
     assert objects(server, bucket) == [] and restarted.db.s3_deletions() == []
 
 
@@ -373,7 +373,7 @@ def test_a_retry_on_request_uploads_the_callers_pending_originals(server, tmp_pa
     body = server.raw_client().get_object(Bucket=bucket, Key=original)["Body"].read()
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), make_photo(H, W))
     assert [state for _, _, state in studio.db.objects(studio.find("bobs", "bob").id)] == ["pending"]  # not yours
-    assert studio.retry_uploads(None)["uploaded"] == 5  # everyone's (start-up, admin)
+    assert studio.retry_uploads(EVERYONE)["uploaded"] == 5  # everyone's (start-up, admin)
     assert len(objects(server, bucket)) == 10
 
 
@@ -425,7 +425,7 @@ def test_a_load_racing_an_upload_does_not_cache_the_stale_rows(server, tmp_path)
     with unreachable(studio):
         studio.generate_and_store(PHOTO, image_id="house")
     loaded = studio.load("house", "local")
-    studio._forget("house")
+    studio.cache.forget("house")
     # The retry's upload lands (rows updated, cache forgotten) after a load read the pending rows, before it caches.
     studio.db.between = lambda: studio.publisher.upload_masks("house", loaded.index, list(loaded.masks.values()))
     studio.info("house", "local")  # built from rows read before the upload
@@ -447,13 +447,13 @@ def test_an_object_added_with_s3_down_says_it_failed(server, tmp_path):
     assert studio.info("house", "local")["available_masks"][out["mask_id"]]["mask_url"]
 
 
-def test_uploading_the_masks_keeps_the_built_index(server, tmp_path):
+def test_uploading_the_masks_keeps_the_built_index(server, tmp_path, monkeypatch):
     """The upload changes only the masks' URLs: the image built at ingest serves the next click as it is."""
     bucket = new_bucket(server)
     studio = s3_studio(server, tmp_path, bucket)
     builds = []
-    build = studio._build
-    studio._build = lambda *a: builds.append(1) or build(*a)
+    build = image_cache.build
+    monkeypatch.setattr(image_cache, "build", lambda *a: builds.append(1) or build(*a))
     studio.generate_and_store(PHOTO, image_id="house")
     assert studio.mask_at_point("house", 38, 60, "local")["mask_id"] is not None
     assert all(m["mask_url"] for m in studio.info("house", "local")["available_masks"])

@@ -2,6 +2,7 @@
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -38,15 +39,24 @@ def test_photo_png_round_trips_exactly():
         (b"hello, this is not an image at all", InvalidInput, "not an image Mask Studio can read"),
         (encode(make_photo(64, 64))[:300], InvalidInput, "damaged or incomplete"),
         (encode(np.zeros((1, 1, 3), np.uint8)), InvalidInput, "is 1×1 pixels; Mask Studio needs at least 8×8"),
-        (bomb_png(), LimitExceeded, "30000×30000 = 900.0 megapixels; the limit is 40.0 megapixels"),
+        (bomb_png(10000, 5000), LimitExceeded, "10000×5000 = 50.0 megapixels; the limit is 40.0 megapixels"),
+        (bomb_png(), LimitExceeded, "The image is 900.0 megapixels; the limit is 40.0 megapixels"),  # PIL's refusal
         (b"\x89PNG" + b"\x00" * (6 * 1024 * 1024), LimitExceeded, "the limit is 5.0 MB (MAX_UPLOAD_MB)"),
     ],
-    ids=["empty", "not-an-image", "truncated-png", "1x1", "decompression-bomb", "too-large"],
+    ids=["empty", "not-an-image", "truncated-png", "1x1", "over-the-limit", "decompression-bomb", "too-large"],
 )
 def test_bad_uploads_get_clear_messages(data, error, message):
-    with pytest.raises(error) as info:
-        imaging.load_image(data, **LIMITS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's size warning (over 89 MP) must not escape either
+        with pytest.raises(error) as info:
+            imaging.load_image(data, **LIMITS)
     assert message in info.value.message
+
+
+def test_pils_own_guard_stays_on():
+    """Importing imaging changes no process-wide setting: PIL still refuses a bomb opened elsewhere."""
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(bomb_png()))
 
 
 def test_animated_gif_uses_first_frame():

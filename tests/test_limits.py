@@ -8,10 +8,11 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from access import EVERYONE
 from app_server import running_app
 from errors import InvalidInput, LimitExceeded
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
-from limits import RateLimiter, minutes_text, run_periodically
+from rate_limits import RateLimiter, minutes_text, run_periodically
 from settings import Settings
 from storage import Database, LocalBlobStore
 from studio import Studio
@@ -106,7 +107,7 @@ def test_run_periodically_runs_and_stops():
 def test_segmentation_limit_message_says_which_limit_and_when(tmp_path):
     studio = make_studio(tmp_path, segment_rate_limit=2)
     clock = FakeClock()
-    studio.segment_limiter = RateLimiter(2, clock=clock)
+    studio.quotas.limiter = RateLimiter(2, clock=clock)
     studio.generate_and_store(PHOTO, owner="alice", address="10.0.0.1")
     clock.t += 48 * 60
     studio.generate_and_store(PHOTO, owner="alice", address="10.0.0.2")
@@ -190,7 +191,7 @@ def test_retention_removes_old_images_and_their_blobs(tmp_path):
     old, new = studio.find("old", "alice").id, studio.find("new", "bob").id
     studio.db.db.execute("UPDATE images SET created_at = ? WHERE id = ?", (ten_days_ago, old))
     assert studio.purge_expired() == 1
-    assert [r.id for r in studio.db.list_images(None)] == [new]
+    assert [r.id for r in studio.db.list_images(EVERYONE)] == [new]
     assert sorted(studio.blobs.keys()) == sorted(studio.db.blob_keys())
     assert make_studio(tmp_path / "off").purge_expired(later + dt.timedelta(days=999)) == 0
 

@@ -105,6 +105,19 @@ def test_owners_may_use_the_same_id_and_cannot_learn_that_another_does(keyed, ph
     )
 
 
+def test_a_generated_id_cannot_be_taken_again_by_its_owner(keyed, photo):
+    _, clients = keyed
+    gid = clients["alice"].predict(handle_file(photo), None, api_name="/generate_and_store_masks")["image_id"]
+    refused = error_of(lambda: clients["alice"].predict(handle_file(photo), gid, api_name="/generate_and_store_masks"))
+    assert refused == f"Image id {gid!r} is already taken: choose another id, or delete that image first."
+    assert [i["image_id"] for i in clients["alice"].predict(api_name="/list_images")].count(gid) == 1
+    assert clients["alice"].predict(gid, api_name="/image_info")["mask_count"] == 4
+    # Another owner may use that id as their own: nothing is revealed about Alice's images.
+    assert clients["bob"].predict(handle_file(photo), gid, api_name="/generate_and_store_masks")["image_id"] == gid
+    assert clients["bob"].predict(gid, api_name="/delete_image")["image_id"] == gid
+    assert clients["alice"].predict(gid, api_name="/delete_image")["image_id"] == gid
+
+
 @pytest.mark.parametrize(
     "headers, message",
     [

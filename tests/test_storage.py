@@ -1,13 +1,19 @@
 """SQLite storage and the local blob store: round trips, transactions, ids, restarts."""
 
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import masks as rle
-from errors import Conflict, InvalidInput, NotFound, StorageError
-from storage import Database, ImageRow, LocalBlobStore, MaskRow, check_image_id, new_image_id
+from access import EVERYONE, check_image_id, new_image_id, stored_image_id
+from errors import Conflict, InvalidInput, LimitExceeded, NotFound, StorageError
+from helpers import house_masks
+from storage import Database, ImageRow, LocalBlobStore, MaskRow, OwnerFull
+
+MADE_BY_MAIN = Path(__file__).parent / "data" / "made-by-main.db"  # see tests/data/README.md
 
 
 def _image(image_id="img_a", owner="local", masks=2):
@@ -75,7 +81,7 @@ def test_owner_sees_only_own_images(db):
     db.insert_image(_image("img_b", owner="bob"), [])
     assert [r.id for r in db.list_images("alice")] == ["img_a"]
     with pytest.raises(NotFound, match="No image with id 'img_b'"):
-        db.get_image("img_b", owner="alice")
+        db.get_image("img_b", "alice")
     assert {r.id for r in db.list_images()} == {"img_a", "img_b"}
 
 
@@ -122,3 +128,72 @@ def test_local_blobs(tmp_path):
         blobs.get("images/a.png")
     with pytest.raises(StorageError, match="Invalid blob key"):
         blobs.put("../escape", b"x")
+
+
+def test_quota_is_checked_inside_the_insert(db):
+    db.insert_image(_image("img_a", owner="alice"), [], max_per_owner=2)
+    db.insert_image(_image("img_b", owner="alice"), [], max_per_owner=2)
+    with pytest.raises(OwnerFull) as info:
+        db.insert_image(_image("img_c", owner="alice"), [_mask("img_c")], max_per_owner=2)
+    assert info.value.count == 2 and not isinstance(info.value, LimitExceeded)  # Studio words the refusal
+    assert db.count_images("alice") == 2 and db.masks("img_c") == []
+
+
+def test_scope_is_explicit(db):
+    db.insert_image(_image("img_a", owner="alice"), [])
+    assert db.image_exists("img_a", "alice") and db.image_exists("img_a", EVERYONE)
+    assert not db.image_exists("img_a", "bob")
+    with pytest.raises(NotFound):
+        db.get_image("img_a", "bob")
+    assert [r.id for r in db.list_images(EVERYONE)] == ["img_a"] and db.list_images("bob") == []
+
+
+def test_delete_records_the_s3_keys_with_the_owner(db):
+    m = MaskRow(**{**vars(_mask()), "s3_key": "masks/k0.png", "upload_state": "pending"})
+    db.insert_image(_image(owner="alice"), [m, _mask(mask_id=1)])
+    db.add_object("img_a", "originals/o.png", "original", "uploaded")
+    assert db.delete_image("img_a") == ["masks/k0.png", "originals/o.png"]
+    assert db.s3_deletions("alice") == ["masks/k0.png", "originals/o.png"] and db.s3_deletions("bob") == []
+    assert db.objects("img_a") == [] and db.pending_uploads() == []
+    db.forget_s3_deletions(["masks/k0.png"])
+    assert db.s3_deletions(EVERYONE) == ["originals/o.png"]
+
+
+@pytest.fixture
+def old_db(tmp_path):
+    """A copy of a database written by main's storage code before this one (tests/data/README.md)."""
+    path = tmp_path / "old.db"
+    shutil.copyfile(MADE_BY_MAIN, path)
+    return Database(path)
+
+
+def test_a_database_made_by_the_previous_code_reads_unchanged(old_db):
+    garden = stored_image_id("garden", "alice")
+    assert [r.id for r in old_db.list_images("alice")] == ["img_20260101_120000_0a1b2c3d", garden]
+    assert old_db.get_image("house", "local") == ImageRow(
+        "house", "local", 64, 48, "2026-01-01T12:00:00+00:00", "fixed test segmenter", 4, "images/house-0000.png"
+    )
+    masks = old_db.masks("house")
+    for m, expected in zip(masks, house_masks(48, 64), strict=True):
+        np.testing.assert_array_equal(rle.decode({"size": [48, 64], "counts": m.counts}), expected)
+        assert m.area == int(expected.sum()) and m.bbox == rle.bbox_of(expected) and m.upload_state == "none"
+    assert masks[0].point_coords == [[1, 2]] and masks[1].point_coords is None
+    assert [m.image_id for m in old_db.pending_uploads("alice")] == [garden] * 4
+    assert old_db.pending_objects() == [("originals/garden.png", garden, "original")]
+    assert old_db.objects("img_20260101_120000_0a1b2c3d") == [("renders/r1.png", "render", "uploaded")]
+    assert old_db.s3_deletions("alice") == ["masks/gone-0.png", "masks/gone-1.png"]
+    assert old_db.s3_deletions() == ["masks/gone-0.png", "masks/gone-1.png", "masks/orphan.png"]
+    assert old_db.integrity_ok()
+
+
+def test_a_database_made_by_the_previous_code_takes_writes(old_db):
+    added = old_db.add_mask(_mask("house", 0))
+    assert added.mask_id == 4 and old_db.get_image("house").mask_count == 5
+    old_db.set_mask_urls("house", [(4, "https://x/4.png", "masks/4.png", "uploaded")])
+    assert old_db.masks("house")[4].mask_url == "https://x/4.png"
+    old_db.insert_image(_image("img_new", owner="local"), [_mask("img_new")])
+    assert old_db.delete_image(stored_image_id("garden", "alice")) == sorted(
+        ["originals/garden.png"] + [f"masks/{stored_image_id('garden', 'alice')}-{i}.png" for i in range(4)]
+    )
+    assert [r.id for r in old_db.list_images("local")] == ["house", "img_new"]  # newest first
+    assert old_db.integrity_ok()
