@@ -47,19 +47,19 @@ def _mb(n: int) -> str:
     return f"{n / 1024 / 1024:.1f} MB"
 
 
-def decode_base64(text: str) -> bytes:
-    """Base64 or a `data:image/...;base64,` URL → bytes."""
+def decode_base64(text: str, field: str = "original_image_b64") -> bytes:
+    """Base64 or a `data:image/...;base64,` URL → bytes; messages name the request's `field`."""
     if not isinstance(text, str) or not text.strip():
-        raise InvalidInput("original_image_b64 is empty: send the image as base64 or a data: URL.")
+        raise InvalidInput(f"{field} is empty: send the image as base64 or a data: URL.")
     text = text.strip()
     if text.startswith("data:"):
         header, sep, text = text.partition(",")
         if not sep or ";base64" not in header:
-            raise InvalidInput("original_image_b64 is a data: URL without base64 data.")
+            raise InvalidInput(f"{field} is a data: URL without base64 data.")
     try:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidInput("original_image_b64 is not valid base64.") from None
+        raise InvalidInput(f"{field} is not valid base64.") from None
 
 
 def load_image(data: bytes, *, max_pixels: int, max_bytes: int) -> np.ndarray:
