@@ -47,7 +47,7 @@ from service_http import Call, ServiceHttp, run_call
 from service_protocols import PROTOCOLS, prepare_image
 from settings import Settings
 from url_safety import checked_url, safe_url
-from validation import check_prompt
+from validation import check_prompt, check_rgb
 
 log = logging.getLogger("mask_studio.sam2")
 
@@ -87,7 +87,7 @@ class HttpSegmenter:
         params: dict | None = None,
     ) -> list[dict]:
         """Automatic masks from the service, normalised to SAM2 records and capped at settings.max_masks."""
-        _check_image(image)
+        check_rgb(image)
         params = {**DEFAULT_PARAMS, **(params or {})}
         records = self._run(lambda call: self._auto(call, image, params), progress, cancel)
         if not self.prompts_natively:
@@ -106,7 +106,7 @@ class HttpSegmenter:
         cancel: threading.Event | None = None,
     ) -> dict:
         """One object's mask from point / box prompts (cog and replicate: picked from the automatic masks)."""
-        _check_image(image)
+        check_rgb(image)
         h, w = image.shape[:2]
         pts, labels, bx = check_prompt(points, point_labels, box, w, h)
         if self.prompts_natively:
@@ -300,12 +300,6 @@ class HttpSegmenter:
         if reply.status != 200:
             raise SegmentationMaskURLError(f"The mask at {safe} could not be fetched (HTTP {reply.status}).")
         return reply.body
-
-
-def _check_image(image: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise InvalidInput(f"The segmenter needs an RGB uint8 image of shape (H, W, 3); got {got}.")
 
 
 def _image_key(image: np.ndarray, params: dict) -> bytes:

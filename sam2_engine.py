@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from segmenter import Progress
+from validation import check_prompt, check_rgb
+
 import masks as rle
 from errors import InvalidInput, SegmentationCancelled, SegmentationRejected
-from sam2_client import Progress, _check_image, _check_prompts
 
 log = logging.getLogger("mask_studio.sam2_engine")
 
@@ -70,7 +72,7 @@ class PromptModelSegmenter:
 
     def prepare(self, image: np.ndarray) -> None:
         """Embed the image now (cached), so the first click on it costs only the decoder."""
-        _check_image(image)
+        check_rgb(image)
         self._on_gpu(self._embedding, image, None, None)
 
     def generate(
@@ -83,7 +85,7 @@ class PromptModelSegmenter:
         on_masks: OnMasks | None = None,
     ) -> list[dict]:
         """Automatic overlapping masks as SAM2 records. `params` (SAM2 generator arguments) are hints: ignored."""
-        _check_image(image)
+        check_rgb(image)
         return self._on_gpu(self._generate, image, progress, cancel, on_masks)
 
     def segment(
@@ -111,8 +113,8 @@ class PromptModelSegmenter:
         """The decoder's non-empty answers for these prompts, best predicted IoU first.
 
         One point without a box: up to three (whole / part / sub-part); otherwise the single-mask answer."""
-        _check_image(image)
-        points, point_labels, box = _check_prompts(image.shape[:2], points, point_labels, box)
+        check_rgb(image)
+        points, point_labels, box = check_prompt(points, point_labels, box, image.shape[1], image.shape[0])
         return self._on_gpu(self._prompted, image, points, point_labels, box, cancel)
 
     def health(self) -> tuple[bool, str]:

@@ -457,7 +457,7 @@ def main() -> None:
     from dotenv import load_dotenv
 
     from s3_store import S3BlobStore
-    from sam2_client import make_segmenter
+    from segmenter import make_segmenter
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     load_dotenv(".env", override=False)
@@ -465,7 +465,9 @@ def main() -> None:
     if "PORT" not in os.environ and "GRADIO_SERVER_PORT" not in os.environ:
         settings = settings.with_(port=8000)
     options = ServiceOptions.from_env()
-    segmenter = make_segmenter(settings)
+    segmenter, note = make_segmenter(settings)
+    if note:
+        log.warning("%s", note)
     try:
         s3 = S3BlobStore.from_settings(settings)
     except MaskStudioError as exc:

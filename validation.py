@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+import numpy as np
+
 from errors import InvalidInput
 
 MAX_POINTS = 64  # more prompt points than anyone clicks: a bigger list is a mistake or an attack
@@ -41,6 +43,13 @@ def check_point(x: object, y: object, width: int, height: int) -> tuple[int, int
     if not (0 <= px < width and 0 <= py < height):
         raise InvalidInput(point_outside(x, y, width, height))
     return px, py
+
+
+def check_rgb(image: object) -> None:
+    """The image an engine takes: an upright RGB uint8 array of shape (H, W, 3)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise InvalidInput(f"The segmenter needs an RGB uint8 image of shape (H, W, 3); got {got}.")
 
 
 def check_mask_id(mask_id: object) -> int:

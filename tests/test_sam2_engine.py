@@ -144,7 +144,7 @@ def test_several_points_or_a_box_ask_for_the_single_answer(engine, photo):
 @pytest.mark.parametrize(
     "prompt, message",
     [
-        ({}, "at least one point or a box"),
+        ({}, "at least one include point"),
         ({"points": [[400, 10]]}, "outside"),
         ({"points": [[10, 10]], "point_labels": [2]}, "point_labels"),
         ({"box": [50, 50, 10, 10]}, "x0 < x1"),
