@@ -36,14 +36,15 @@ log = logging.getLogger("mask_studio")
 
 GENERIC_ERROR = "Something unexpected went wrong; it has been logged. Please try again."
 # The picture keeps its aspect and fits the screen (a fixed-height box leaves big empty bands on a phone);
-# the gallery wraps its thumbnails to the width (a fixed 8 columns hid most of them sideways on a phone);
-# on a phone, notices appear at the bottom (at the top they covered the title and status line).
+# the gallery wraps its thumbnails to the width (a fixed 8 columns hid most of them sideways on a phone).
 CSS = """
 #composite img { max-height: min(600px, calc(100vh - 140px)); width: auto; max-width: 100%; }
 #title h2 { margin: 0 0 4px 0; }
 #gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)); }
-@media (max-width: 639px) { .toast-wrap { top: auto !important; bottom: var(--size-3); } }
 """
+# On a phone, notices appear at the bottom: at the top they covered the title and the status line. In the page's
+# head, because Gradio scopes `css` inside @media to the app's content, where its notices are not.
+HEAD = "<style>@media (max-width: 639px) { .toast-wrap { top: auto !important; bottom: var(--size-3); } }</style>"
 STATUS_REFRESH_S = 20  # how often an open page refreshes its status line
 RETENTION_SWEEP_S = 3600  # how often expired images are looked for, after the sweep at start-up
 
@@ -254,6 +255,7 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     gr.Timer(STATUS_REFRESH_S).tick(status, None, p.status, **quick)
     p.mode.change(user_errors(h.on_mode), [p.state, p.mode, p.background], [*shown, p.object_buttons], **quick)
     p.gallery.select(user_errors(h.on_gallery), paint_inputs, shown, **quick)
+    p.gallery.change(h.on_gallery_change, [p.state], p.gallery, **quick)  # new thumbnails: highlight the selection
     on_color = user_errors(h.on_color)  # one function: the picker and the slider share a concurrency group
     p.color.change(on_color, paint_inputs, shown, **quick)
     p.opacity.release(on_color, paint_inputs, shown, **quick)
@@ -325,6 +327,7 @@ def launch(settings: Settings, studio: Studio, **kwargs):
         max_file_size=f"{settings.max_upload_mb}mb",
         show_error=False,
         css=CSS,
+        head=HEAD,
         # Every click returns a new picture: a browser-side history of them would only pile up photos.
         run_history=False,
         **kwargs,

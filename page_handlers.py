@@ -24,6 +24,7 @@ from web_io import Outputs, cancel_on_leave, client_address, upload_bytes
 
 MODE_SELECT, MODE_INCLUDE, MODE_EXCLUDE = "Select masks", "Add object: include", "Add object: exclude"
 NO_IMAGE = "Upload a photo first."
+NO_THUMBNAIL = -1
 NO_LIBRARY_CHOICE = "Choose an image in the library first."
 
 
@@ -44,19 +45,29 @@ class PageHandlers:
     def show(self, state: PageState, background: str, *, refresh_gallery: bool = False) -> tuple:
         """state, composite, selection line, painted table, gallery (its thumbnails too if `refresh_gallery`)."""
         image = self._composite(state, background)
-        gallery = {"selected_index": state.gallery_index}
+        gallery = self.highlight(state)
         if refresh_gallery:
             cutouts = self.studio.cutouts(state.image_id, owner_of(state)) if state.image_id else []
             items, order = views.gallery_items(cutouts)
             state = state.with_order(order)
-            gallery = {"value": items, "visible": bool(items), "selected_index": state.gallery_index}
+            gallery = {**self.highlight(state), "value": items, "visible": bool(items)}
         return (
             state,
             gr.update(value=image, visible=image is not None),  # shown only when there is a picture
             self._selection(state),
             views.painted_rows(state.steps),
-            gr.update(**gallery),
+            gallery,
         )
+
+    @staticmethod
+    def highlight(state: PageState) -> dict:
+        """The gallery's highlighted thumbnail: the selected mask's, or none (None would not reach the browser;
+        -1 matches no thumbnail). New thumbnails move a -1 to the first one: on_gallery_change then puts it back."""
+        index = state.gallery_index
+        return gr.update(selected_index=NO_THUMBNAIL if index is None else index)
+
+    def on_gallery_change(self, state):
+        return self.highlight(state)
 
     def show_image(self, state: PageState, background: str) -> tuple:
         """`show` for a page that now has another image: new thumbnails, and no download of the previous one."""
