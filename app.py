@@ -236,10 +236,10 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     # What every handler returns first; handlers that open another image also empty the Download panel.
     shown = [p.state, p.composite, p.selection, p.painted, p.gallery]
     fresh = [*shown, p.downloads]
-    private = {"api_visibility": "private"}
+    private: dict[str, Any] = {"api_visibility": "private"}
     # Quick picture edits: no spinner, and a refusal is a toast, not an "Error" badge over the picture.
-    quick = {**private, "show_progress": "hidden"}
-    segment = {"concurrency_id": "segment", "concurrency_limit": 2, **private}
+    quick: dict[str, Any] = {**private, "show_progress": "hidden"}
+    segment: dict[str, Any] = {"concurrency_id": "segment", "concurrency_limit": 2, **private}
     paint_inputs = [p.state, p.color, p.opacity, p.background]
     p.upload.upload(
         user_errors(h.on_upload),
@@ -266,7 +266,7 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     for button, which in ((p.dl_coco_painted, "painted"), (p.dl_coco_all, "all")):
         button.click(functools.partial(user_errors(h.on_download_coco), which=which), [p.state], p.downloads, **private)
     p.open_btn.click(user_errors(h.on_open), [p.library, p.state, p.background], fresh, **private)
-    hide = {"fn": lambda: gr.update(visible=False), "inputs": None, "outputs": p.confirm_row, **private}
+    hide: dict[str, Any] = {"fn": lambda: gr.update(visible=False), "inputs": None, "outputs": p.confirm_row, **private}
     p.delete_btn.click(user_errors(h.on_ask_delete), [p.library, p.state], [p.confirm_row, p.confirm_text], **private)
     p.confirm_delete.click(
         user_errors(h.on_delete), [p.library, p.state, p.background], [*fresh, p.library], **private

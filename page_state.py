@@ -84,11 +84,11 @@ class PageState:
     def paint(self, mask_id: int, colour: Rgba, *, replace_mask: int | None = None) -> PageState:
         """Select mask_id and paint it on top; `replace_mask` is a mask whose paint this takes back."""
         kept = tuple(s for s in self.steps if s[0] != mask_id and s[0] != replace_mask)
-        return replace(self, history=self._remembered(), steps=(*kept, (mask_id, tuple(colour))), selected=mask_id)
+        return replace(self, history=self._remembered(), steps=(*kept, (mask_id, _rgba(colour))), selected=mask_id)
 
     def recolour(self, colour: Rgba) -> PageState:
         """The selected mask in a new colour. A drag of the picker or slider is one undo step, not fifty."""
-        colour = tuple(colour)  # type: ignore[assignment]
+        colour = _rgba(colour)
         if self.selected is None or self.colour_of(self.selected) == colour:
             return self
         last = self.history[-1] if self.history else None
@@ -125,7 +125,7 @@ class PageState:
         painted; the same spot again (within `tolerance` pixels) steps to the next larger mask (part → whole)."""
         cands = tuple(candidates)
         if not cands:
-            return replace(self, click=tuple(point), candidates=())
+            return replace(self, click=(int(point[0]), int(point[1])), candidates=())
         again = (
             self.click is not None
             and math.dist(self.click, point) <= tolerance
@@ -137,7 +137,7 @@ class PageState:
             painted = self.paint(target, colour, replace_mask=self.selected)
         else:
             painted = self.paint(cands[0], colour)
-        return replace(painted, click=tuple(point), candidates=cands)
+        return replace(painted, click=(int(point[0]), int(point[1])), candidates=cands)
 
     def picked_thumbnail(self, index: int, colour: Rgba) -> PageState:
         """The gallery's thumbnail number `index` was clicked: select and paint its mask."""
@@ -163,6 +163,11 @@ class PageState:
     def kept_object(self, mask_id: int, colour: Rgba) -> PageState:
         """The previewed object was stored as mask_id: selected and painted, object mode starts afresh."""
         return replace(self.without_object().paint(mask_id, colour), click=None, candidates=())
+
+
+def _rgba(colour: Sequence[int]) -> Rgba:
+    r, g, b, a = colour
+    return (int(r), int(g), int(b), int(a))
 
 
 def click_tolerance(width: int, display_width: int) -> float:

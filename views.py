@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import render
+from errors import InvalidInput
 from page_state import PageState, Rgba
 
 DEFAULT_COLOR = "#ff3b30"
@@ -18,7 +19,10 @@ DEFAULT_OPACITY = 0.6
 
 def rgba_from_controls(color: str | None, opacity: float | None) -> Rgba:
     """Colour picker value (#rrggbb, or rgb()/rgba() text) plus the opacity slider → (r, g, b, a)."""
-    r, g, b, _ = render.parse_color(color or DEFAULT_COLOR, 0)  # type: ignore[misc]
+    parsed = render.parse_color(color or DEFAULT_COLOR, 0)
+    if isinstance(parsed, str):  # "original": a word the API takes, not a colour the picker can paint with
+        raise InvalidInput("Pick a colour to paint with.")
+    r, g, b, _ = parsed
     a = DEFAULT_OPACITY if opacity is None else float(opacity)
     return (r, g, b, int(round(max(0.0, min(1.0, a)) * 255)))
 

@@ -26,6 +26,8 @@ def test_colour_controls_become_rgba(color, opacity, expected):
 def test_a_colour_the_picker_cannot_make_is_refused_readably():
     with pytest.raises(InvalidInput, match="Colour for mask 0"):
         views.rgba_from_controls("blue-ish", 0.5)
+    with pytest.raises(InvalidInput, match="^Pick a colour to paint with.$"):
+        views.rgba_from_controls("original", 0.5)
 
 
 def test_selection_line_says_what_to_do_next():
