@@ -26,7 +26,7 @@ import render
 from access import EVERYONE, Scope
 from errors import NotFound, StorageError
 from s3_store import DELETE_BATCH, S3BlobStore, UploadReport
-from sam2_client import Progress
+from segmenter import Progress
 from settings import Settings
 from storage import Database, MaskRow
 

@@ -84,6 +84,7 @@ class Studio:
         cache: ImageCache | None = None,
         quotas: Quotas | None = None,
         s3_error: str | None = None,
+        engine_note: str | None = None,
     ):
         """`publisher`: None without a bucket (masks then have no URL and the S3 endpoints say S3 is not
         configured); it must report row changes to `cache` (MaskPublisher(..., on_change=cache.rows_changed))."""
@@ -91,6 +92,7 @@ class Studio:
             raise ValueError("A publisher needs the cache it reports its changes to: pass cache= as well.")
         self.settings = settings
         self.s3_error = s3_error  # S3 was configured but could not be set up (shown in the status line)
+        self.engine_note = engine_note  # why a preferred engine is not the one running (status line), or None
         self.segmenter = segmenter
         self.db = db
         self.blobs = blobs

@@ -4,6 +4,7 @@ property-based tests (hypothesis) for render instructions and coordinates on the
 
 import base64
 import json
+import logging
 import math
 
 import httpx
@@ -192,6 +193,40 @@ def test_nothing_was_damaged_and_the_app_keeps_serving(app):
     assert client.predict("house", api_name="/image_info")["mask_count"] == 4
     assert client.predict("house", 20, 30, api_name="/mask_at_point")["mask_id"] is not None
     assert studio.db.integrity_ok()
+
+
+def test_an_expected_refusal_is_one_log_line_without_a_traceback(app, caplog, capfd):
+    """31 refusals once made ~870 log lines: each wrote a full traceback (Gradio printed it)."""
+    _, client, _, _ = app
+    caplog.set_level(logging.INFO, logger="mask_studio")
+    capfd.readouterr()
+    for _ in range(3):
+        with pytest.raises(AppError):
+            client.predict("nope", api_name="/image_info")
+    refusals = [r for r in caplog.records if r.name == "mask_studio" and "'nope'" in r.getMessage()]
+    assert [(r.levelno, r.exc_info) for r in refusals] == [(logging.INFO, None)] * 3
+    assert refusals[0].getMessage().startswith("Refused image_info: No image with id 'nope'")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+class BrokenSegmenter(RecordsSegmenter):
+    """A segmenter with a bug of its own: an error that is not one of ours."""
+
+    def generate(self, image, *, progress=None, cancel=None):
+        raise RuntimeError("a bug in the segmenter")
+
+
+def test_an_unexpected_error_is_logged_with_its_traceback_and_shown_as_the_generic_message(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mask_studio")
+    photo = tmp_path / "p.png"
+    photo.write_bytes(encode(make_photo(H, W)))
+    with running_app(tmp_path / "data", BrokenSegmenter(house_masks)) as (url, *_):
+        with pytest.raises(AppError) as info:
+            Client(url, verbose=False).predict(handle_file(str(photo)), api_name="/generate_and_store_masks")
+    assert info.value.message == GENERIC_ERROR
+    logged = [r for r in caplog.records if r.name == "mask_studio" and r.levelno == logging.ERROR]
+    assert len(logged) == 1 and logged[0].getMessage() == "Unexpected error in generate_and_store_masks"
+    assert "a bug in the segmenter" in str(logged[0].exc_info[1])
 
 
 # ---- properties (the Studio service directly: fast, thousands of cases) -------------------------
