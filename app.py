@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import math
+import os
 import secrets
 import shutil
 import tempfile
@@ -26,8 +27,10 @@ import imaging
 import masks as rle
 import render
 from access import Access, Caller, browser_secret, is_browser_key
+from agent_tools import describe_endpoints, mcp_switch
 from errors import InvalidInput, MaskStudioError, Unauthorized
 from sam2_client import make_segmenter
+from legacy_api import mount_legacy_api, parse_cors_origins
 from limits import run_periodically
 from settings import Settings
 from s3_store import S3BlobStore
@@ -846,10 +849,11 @@ def _check_and_retry_s3(studio: Studio) -> None:
         log.warning("S3 at start-up: %s", exc.message)
 
 
-def launch(settings: Settings, studio: Studio, **kwargs):
+def launch(settings: Settings, studio: Studio, *, prevent_thread_lock: bool = False, **kwargs):
     demo = build_demo(settings, studio)
+    describe_endpoints(demo)  # the API page's and the MCP tools' descriptions
     demo.queue(default_concurrency_limit=8, max_size=256)
-    return demo, demo.launch(
+    launched = demo.launch(
         server_name=settings.host,
         server_port=settings.port,
         max_file_size=f"{settings.max_upload_mb}mb",
@@ -857,8 +861,16 @@ def launch(settings: Settings, studio: Studio, **kwargs):
         css=CSS,
         # Every click returns a new picture: a browser-side history of them would only pile up photos.
         run_history=False,
+        mcp_server=mcp_switch(os.environ),
+        prevent_thread_lock=True,  # the REST API is mounted on the running app, then we wait (below)
         **kwargs,
     )
+    # The old backend's REST API, /docs and its CORS policy, on the same server (legacy_api.py).
+    cors = parse_cors_origins(os.environ.get("CORS_ORIGINS"))
+    mount_legacy_api(launched[0], studio, Access(settings), settings, cors)
+    if not prevent_thread_lock:
+        demo.block_thread()
+    return demo, launched
 
 
 def main() -> None:
