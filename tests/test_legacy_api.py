@@ -68,6 +68,7 @@ def test_list_is_an_object_of_images(api, house):
 def test_info_has_the_original_and_every_mask_png(api, house):
     r = api.get("/images/house/info")
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert "content-length" not in r.headers  # streamed: built one PNG at a time, not whole in memory
     info = r.json()
     assert {k: info[k] for k in ("image_id", "width", "height")} == {"image_id": "house", "width": W, "height": H}
     assert info["created_at"]
