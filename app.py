@@ -18,10 +18,12 @@ import gradio as gr
 
 import render
 from access import EVERYONE, Access, browser_secret
+from agent_tools import describe_endpoints
 from api import HEAVY, Endpoints
 from errors import MaskStudioError
 from hf_sign_in import sign_in_problem
 from image_cache import ImageCache
+from legacy_api import mount_legacy_api
 from page_handlers import MODE_EXCLUDE, MODE_INCLUDE, MODE_SELECT, PageHandlers
 from page_state import PageState
 from publish import MaskPublisher
@@ -320,10 +322,11 @@ def _check_and_retry_s3(studio: Studio) -> None:
         log.warning("S3 at start-up: %s", exc.message)
 
 
-def launch(settings: Settings, studio: Studio, **kwargs):
+def launch(settings: Settings, studio: Studio, *, prevent_thread_lock: bool = False, **kwargs):
     demo = build_demo(settings, studio)
+    describe_endpoints(demo)  # the API page's and the MCP tools' descriptions
     demo.queue(default_concurrency_limit=8, max_size=256)
-    return demo, demo.launch(
+    launched = demo.launch(
         server_name=settings.host,
         server_port=settings.port,
         max_file_size=f"{settings.max_upload_mb}mb",
@@ -332,8 +335,15 @@ def launch(settings: Settings, studio: Studio, **kwargs):
         head=HEAD,
         # Every click returns a new picture: a browser-side history of them would only pile up photos.
         run_history=False,
+        mcp_server=settings.mcp_server,
+        prevent_thread_lock=True,  # the REST API is mounted on the running app, then we wait (below)
         **kwargs,
     )
+    # The old backend's REST API, /docs and its CORS policy, on the same server (legacy_api.py).
+    mount_legacy_api(launched[0], studio, Access(settings), settings, settings.cors_origins)
+    if not prevent_thread_lock:
+        demo.block_thread()
+    return demo, launched
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ No side effects at import: nothing is created and nothing is contacted here. Tes
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -65,6 +67,10 @@ class Settings:
     retention_days: float = 0.0
     # On a Hugging Face Space (SPACE_ID set) or when asked: show the HF sign-in button
     hf_login: bool = False
+    # The old backend's REST API: origins allowed to call it from a browser (unset: none)
+    cors_origins: tuple[str, ...] = ()
+    # Also an MCP server for AI agents (None: Gradio's own GRADIO_MCP_SERVER decides)
+    mcp_server: bool | None = None
 
     @property
     def db_path(self) -> Path:
@@ -216,7 +222,47 @@ def _parse(env: Mapping[str, str]) -> dict:
         "retention_days": _number(env, float, ("RETENTION_DAYS",), 0),
         # HF_LOGIN as set wins (false turns the button off on a Space too); unset: on by itself on a Space.
         "hf_login": _space_default(env, _bool(_get(env, "HF_LOGIN")), True),
+        "cors_origins": parse_cors_origins(_get(env, "CORS_ORIGINS")) or None,
+        "mcp_server": mcp_switch(env),
     }
     known = {f.name for f in fields(Settings)}
     assert set(out) <= known
     return {k: v for k, v in out.items() if v is not None}
+
+
+def parse_cors_origins(raw: str | None) -> tuple[str, ...]:
+    """CORS_ORIGINS as the old .env wrote it (`["http://localhost:3000", ...]`) or `a, b` → origins.
+
+    Unset or blank: no origin at all (no cross-origin access to the REST API)."""
+    if raw is None or not raw.strip():
+        return ()
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            try:  # the old backend read it with ast.literal_eval, so ['http://a'] worked there too
+                items = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                items = None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise InvalidInput(
+                'CORS_ORIGINS must be a JSON list of origins, like ["http://localhost:3000"], '
+                f"or origins separated by commas; got {text[:80]!r}.",
+                title="Configuration error",
+            )
+    else:
+        items = text.split(",")
+    return tuple(dict.fromkeys(o.strip().rstrip("/") for o in items if o.strip()))
+
+
+def mcp_switch(env: Mapping[str, str]) -> bool | None:
+    """MCP_SERVER as a yes/no; unset: None, which lets Gradio read its own GRADIO_MCP_SERVER."""
+    raw = (env.get("MCP_SERVER") or "").strip().lower()
+    if not raw:
+        return None
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise InvalidInput(f"MCP_SERVER must be true or false; got {raw!r}.", title="Configuration error")
