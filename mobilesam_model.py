@@ -484,7 +484,7 @@ class MobileSam:
 
         height, width = rgb.shape[:2]
         in_h, in_w = input_size(height, width)
-        resized = np.asarray(Image.fromarray(rgb).resize((in_w, in_h), Image.Resampling.BILINEAR))
+        resized = np.array(Image.fromarray(rgb).resize((in_w, in_h), Image.Resampling.BILINEAR))
         with torch.inference_mode():
             x = (torch.from_numpy(resized).permute(2, 0, 1).float() - self._mean) / self._std
             x = F.pad(x, (0, IMAGE_SIZE - in_w, 0, IMAGE_SIZE - in_h))[None]
