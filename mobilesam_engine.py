@@ -251,8 +251,8 @@ def _grid_pass(model, emb, rgb: np.ndarray, max_masks: int, progress: Progress |
             report(0.1 + 0.8 * start / len(grid), f"Prompting {start}/{len(grid)} points")
         pts = grid[start : start + step]
         low, iou = model.decode(emb, pts[:, None, :], np.ones((len(pts), 1), np.int64))
-        score = np.where((iou >= GRID_MIN_IOU) & (stability(low) >= GRID_MIN_STABILITY), iou, -1.0)
-        for i, k in zip(*np.nonzero(score > 0), strict=True):
+        good = (iou >= GRID_MIN_IOU) & (stability(low) >= GRID_MIN_STABILITY)
+        for i, k in zip(*np.nonzero(good), strict=True):
             chosen.append((float(iou[i, k]), low[i, k], pts[i].tolist()))
     chosen.sort(key=lambda c: -c[0])
     records: list[dict] = []

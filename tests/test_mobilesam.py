@@ -199,3 +199,17 @@ def test_a_loadable_non_official_checkpoint_is_accepted_and_said(weights, tmp_pa
 def test_the_official_file_in_the_models_folder_passes_the_check(weights, tmp_path):
     shutil.copyfile(weights, tmp_path / "mobile_sam.pt")
     assert model_weights.resolve(None, tmp_path, download=False) == (tmp_path / "mobile_sam.pt", True)
+
+
+def test_embeddings_survive_a_restart_on_disk(seg):
+    import torch
+
+    from embedding_cache import image_key
+
+    image = data.chelsea()
+    first = seg.prepare(image)
+    models_dir = seg.cache.disk.folder.parent.parent
+    again = MobileSamSegmenter.load(checkpoint=None, models_dir=models_dir, max_masks=8)
+    found = again.cache.get(image_key(image), lambda: pytest.fail("the embedding should come from the disk"))
+    assert torch.equal(found.features, first.features)
+    assert (found.original_size, found.input_size) == (first.original_size, first.input_size)
