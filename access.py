@@ -89,7 +89,7 @@ def meanings(image_id: str, scope: Scope) -> list[str]:
 
 def new_image_id(now: dt.datetime | None = None) -> str:
     """`img_YYYYMMDD_HHMMSS_<8 hex>`, the old backend's form."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     return f"img_{now:%Y%m%d_%H%M%S}_{secrets.token_hex(4)}"
 
 

@@ -11,9 +11,7 @@ An agent's key travels as on the API: the MCP client's `Authorization: Bearer <k
 
 from __future__ import annotations
 
-
 import gradio as gr
-
 
 IMAGE_ID = "The id of a stored image (as returned by generate_and_store_masks or list_images)."
 INSTRUCTIONS = (

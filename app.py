@@ -28,8 +28,8 @@ from page_handlers import MODE_EXCLUDE, MODE_INCLUDE, MODE_SELECT, PageHandlers
 from page_state import PageState
 from publish import MaskPublisher
 from rate_limits import run_periodically
-from segmenter import make_segmenter
 from s3_store import S3BlobStore
+from segmenter import make_segmenter
 from settings import Settings
 from storage import Database, LocalBlobStore
 from studio import Studio

@@ -306,7 +306,7 @@ class S3BlobStore:
     # ---- keys and URLs ---------------------------------------------------------------------
     def new_key(self, ext: str = ".png", now: _dt.datetime | None = None) -> str:
         """`{prefix}{YYYYMMDD_HHMMSS}_{8 hex}{ext}`, never repeated by this store."""
-        stamp = f"{(now or _dt.datetime.now(_dt.timezone.utc)):%Y%m%d_%H%M%S}"
+        stamp = f"{(now or _dt.datetime.now(_dt.UTC)):%Y%m%d_%H%M%S}"
         with self._issued_lock:
             if self._issued[0] != stamp:
                 self._issued = (stamp, set())

@@ -312,7 +312,7 @@ def build_service(
         future = gate.submit(job, cancel)
         try:
             result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), options.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             cancel.set()  # the engine stops at its next step; its slot frees when it does
             raise SegmentationCancelled(
                 f"Segmentation took longer than {options.timeout:g} s (SAM_SERVICE_TIMEOUT) and was stopped."

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 import coco
+import image_cache
 import imaging
 import masks as rle
 import render
@@ -36,7 +37,6 @@ from access import (
 )
 from errors import Conflict, InvalidInput, NotFound, SegmentationRejected
 from health import HealthMonitor
-import image_cache
 from image_cache import ImageCache, Loaded
 from publish import MaskPublisher
 from quotas import Quotas, room_refusal
@@ -55,7 +55,7 @@ NO_OBJECT = "The segmenter found no object at those prompts."
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _fraction(progress: Progress | None, start: float, end: float) -> Progress | None:
@@ -390,7 +390,7 @@ class Studio:
         days = self.settings.retention_days
         if days <= 0:
             return 0
-        now = now or dt.datetime.now(dt.timezone.utc)
+        now = now or dt.datetime.now(dt.UTC)
         cutoff = (now - dt.timedelta(days=days)).isoformat(timespec="seconds")
         expired = self.db.images_older_than(cutoff)
         for row in expired:

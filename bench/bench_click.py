@@ -81,8 +81,9 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=15)
     args = ap.parse_args()
 
-    import app
     from playwright.sync_api import sync_playwright
+
+    import app
     from settings import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-click-"))

@@ -23,10 +23,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from workload import instructions, make_workload  # noqa: E402
+
 import imaging  # noqa: E402
 import masks as rle  # noqa: E402
 import render  # noqa: E402
-from workload import instructions, make_workload  # noqa: E402
 
 DISPLAY_MAX_SIDE = 1024
 

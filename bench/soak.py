@@ -36,8 +36,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import masks as rle  # noqa: E402
 from workload import photo  # noqa: E402
+
+import masks as rle  # noqa: E402
 
 MAX_REQUESTS_PER_PHASE = 200_000  # a bound on count as well as on time
 OWNERS = 4  # API keys the clients share (client i uses key i % OWNERS)

@@ -1,13 +1,10 @@
-"""Shared test set-up: the repo on sys.path, Gradio quiet and offline, its cache in a temp folder."""
+"""Shared test set-up: Gradio quiet and offline, its cache in a temp folder (modules are found through pytest.ini)."""
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Gradio reads these at import time: set them before any test module imports it.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

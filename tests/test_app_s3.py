@@ -20,11 +20,11 @@ from access import EVERYONE
 from app_server import running_app
 from errors import StorageError
 from helpers import RecordsSegmenter, encode, house_masks, make_photo, record
+from publish import MaskPublisher
 from s3_server import DUMMY_KEY_ID, DUMMY_SECRET, REGION, MotoServer, SilentServer
 from s3_store import S3BlobStore, make_s3_client
 from settings import Settings
 from storage import Database, LocalBlobStore
-from publish import MaskPublisher
 from studio import Studio
 
 H, W = 96, 128
@@ -325,7 +325,7 @@ def test_a_crash_between_the_delete_and_s3_leaves_the_keys_for_the_next_start(se
 def test_retention_deletes_the_images_objects_from_the_bucket(server, tmp_path):
     bucket = new_bucket(server)
     studio = s3_studio(server, tmp_path, bucket, retention_days=7, s3_upload_originals=True)
-    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=8)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=8)
     studio.generate_and_store(PHOTO, image_id="old")
     assert len(objects(server, bucket)) == 5
     assert studio.purge_expired(later) == 1

@@ -177,7 +177,7 @@ def test_nan_and_infinity_over_raw_http(app, body, fragment):
     url = app[0]
     r = httpx.post(
         f"{url}gradio_api/call/mask_at_point",
-        content='{"data": %s}' % body,
+        content='{"data": ' + body + "}",
         headers={"content-type": "application/json"},
     )
     event_id = r.json()["event_id"]
@@ -306,6 +306,7 @@ def _upload_cases():
     import io as _io
 
     from PIL import Image as _Image
+
     from test_imaging import bomb_png
 
     def saved(im, fmt, **kw) -> bytes:
@@ -327,7 +328,7 @@ def _upload_cases():
         ("too-large", b"\x89PNG" + b"\x00" * (2 * 1024 * 1024), "MAX_UPLOAD_MB", None),
         ("animated-gif", saved(frames[0], "GIF", save_all=True, append_images=frames[1:]), None, (W, H)),
         ("rgba-png", encode(rgba), None, (W, H)),
-        ("16-bit-png", saved(_Image.fromarray((photo[..., 0].astype(np.uint16) * 257)), "PNG"), None, (W, H)),
+        ("16-bit-png", saved(_Image.fromarray(photo[..., 0].astype(np.uint16) * 257), "PNG"), None, (W, H)),
         ("greyscale", encode(photo[..., 0]), None, (W, H)),
         ("cmyk-jpeg", saved(_Image.fromarray(photo).convert("CMYK"), "JPEG"), None, (W, H)),
         ("exif-rotated-jpeg", saved(rotated, "JPEG", exif=exif), None, (H, W)),  # shown upright: w and h swap

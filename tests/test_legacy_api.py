@@ -9,8 +9,17 @@ import pytest
 from PIL import Image
 
 from app_server import running_app
-from errors import Conflict, InvalidInput, LimitExceeded, MaskStudioError, NotFound, SegmentationBusy, StorageError
-from errors import SegmentationBadResponse, Unauthorized
+from errors import (
+    Conflict,
+    InvalidInput,
+    LimitExceeded,
+    MaskStudioError,
+    NotFound,
+    SegmentationBadResponse,
+    SegmentationBusy,
+    StorageError,
+    Unauthorized,
+)
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
 from legacy_api import status_for
 from settings import Settings, parse_cors_origins

@@ -184,10 +184,10 @@ def test_retention_removes_old_images_and_their_blobs(tmp_path):
     studio = make_studio(tmp_path, retention_days=7)
     studio.generate_and_store(PHOTO, image_id="old", owner="alice")
     studio.generate_and_store(PHOTO, image_id="new", owner="bob")
-    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=3)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)
     assert studio.purge_expired(later) == 0
     # Make "old" 10 days old in the database, as if it had been stored then.
-    ten_days_ago = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10)).isoformat(timespec="seconds")
+    ten_days_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(days=10)).isoformat(timespec="seconds")
     old, new = studio.find("old", "alice").id, studio.find("new", "bob").id
     studio.db.db.execute("UPDATE images SET created_at = ? WHERE id = ?", (ten_days_ago, old))
     assert studio.purge_expired() == 1

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from agent_tools import ENDPOINT_DOCS
-from settings import mcp_switch
 from app_server import running_app
 from errors import InvalidInput
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
+from settings import mcp_switch
 
 H, W = 96, 128
 PHOTO = make_photo(H, W)

@@ -20,6 +20,8 @@ pytest.importorskip("transformers", reason="transformers is the optional SAM2 ex
 import masks as rle  # noqa: E402
 import sam2_engine  # noqa: E402
 import sam2_model  # noqa: E402
+import sam_engine  # noqa: E402
+from embedding_cache import EmbeddingCache  # noqa: E402
 from errors import InvalidInput, SegmentationCancelled, SegmentationUnavailable  # noqa: E402
 from helpers import make_photo  # noqa: E402
 
@@ -169,7 +171,8 @@ def test_the_embedding_is_computed_once_per_image(adapter, photo):
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-    engine = sam2_engine.PromptModelSegmenter(Counting(adapter), engine="counting", cache_size=2)
+    two = EmbeddingCache(2 * adapter.embed(photo).nbytes)  # room for two embeddings
+    engine = sam_engine.PromptModelSegmenter(Counting(adapter), engine="counting", cache=two)
     engine.prepare(photo)
     engine.segment(photo, points=[[40, 70]])
     engine.segment(photo, box=[10, 10, 60, 60])
