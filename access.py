@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import TypeAlias, TypeGuard
 
 from errors import Conflict, InvalidInput, NotFound, StorageError, Unauthorized
 from settings import Settings
@@ -128,7 +128,7 @@ def bearer_key(headers: Mapping[str, str]) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
-def is_browser_key(value: object) -> bool:
+def is_browser_key(value: object) -> TypeGuard[str]:
     """Whether a value from a browser's local storage is a key this app made (random, URL-safe)."""
     return isinstance(value, str) and bool(_BROWSER_KEY.fullmatch(value))
 

@@ -115,8 +115,8 @@ def describe_endpoints(demo: gr.Blocks) -> list[str]:
     """Give each public endpoint its description (before launch); returns the api names described."""
     described = []
     for block_fn in demo.fns.values():
-        doc = ENDPOINT_DOCS.get(block_fn.api_name or "")
-        if doc is not None and block_fn.fn is not None:
-            block_fn.fn.__doc__ = doc
-            described.append(block_fn.api_name)
+        name = block_fn.api_name
+        if name in ENDPOINT_DOCS and block_fn.fn is not None:
+            block_fn.fn.__doc__ = ENDPOINT_DOCS[name]
+            described.append(name)
     return described

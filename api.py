@@ -5,7 +5,8 @@ checks them): change none of them. Every endpoint acts as the caller its API key
 turned into what the caller sees in one place, app.user_errors, where the endpoints are published.
 """
 
-# No `from __future__ import annotations`: Gradio reads these hints as objects (gr.Request, FileData).
+# No `from __future__ import annotations`: Gradio reads these hints as objects (gr.Request, FileData); it injects
+# the request into a parameter hinted `gr.Request | None` too (it compares the hint with Optional[gr.Request]).
 from collections.abc import Callable
 
 import gradio as gr
@@ -51,7 +52,7 @@ class Endpoints:
         image: FileData | None = None,
         image_id: str | None = None,
         original_image_b64: str | None = None,
-        request: gr.Request = None,
+        request: gr.Request | None = None,
     ) -> dict:
         """Segment an image and store it with its masks. Send `image` (handle_file(path)) or `original_image_b64`.
         Returns {"message", "image_id", "mask_count", "image_dimensions", "mask_ids", "mask_urls", "engine", "s3"}."""
@@ -67,34 +68,38 @@ class Endpoints:
             )
 
     def render_masks(
-        self, image_id: str, render_instructions: list[dict], background: str = "original", request: gr.Request = None
+        self,
+        image_id: str,
+        render_instructions: list[dict],
+        background: str = "original",
+        request: gr.Request | None = None,
     ) -> FileData:
         """The composite as a full-size PNG: instructions [{"mask_id", "color"}], later over earlier."""
         arr = self.studio.render(image_id, render_instructions, background, self._caller(request).scope)
         return FileData(path=self.outputs.write(f"{image_id}-render.png", imaging.encode_png(arr)))
 
-    def image_info(self, image_id: str, request: gr.Request = None) -> dict:
+    def image_info(self, image_id: str, request: gr.Request | None = None) -> dict:
         """An image's size, engine and masks (id, area, bbox, scores, mask_url)."""
         return self.studio.info(image_id, self._caller(request).scope)
 
-    def list_images(self, request: gr.Request = None) -> list[dict]:
+    def list_images(self, request: gr.Request | None = None) -> list[dict]:
         """Stored images, newest first."""
         return self.studio.list_images(self._caller(request).scope)
 
-    def mask_at_point(self, image_id: str, x: float, y: float, request: gr.Request = None) -> dict:
+    def mask_at_point(self, image_id: str, x: float, y: float, request: gr.Request | None = None) -> dict:
         """The smallest mask containing pixel (x, y), and every containing mask smallest first."""
         return self.studio.mask_at_point(image_id, x, y, self._caller(request).scope)
 
-    def delete_image(self, image_id: str, request: gr.Request = None) -> dict:
+    def delete_image(self, image_id: str, request: gr.Request | None = None) -> dict:
         """Delete an image, its masks and its files."""
         return self.studio.delete(image_id, self._caller(request).scope)
 
-    def get_mask(self, image_id: str, mask_id: int, request: gr.Request = None) -> FileData:
+    def get_mask(self, image_id: str, mask_id: int, request: gr.Request | None = None) -> FileData:
         """One mask as a PNG (0 outside, 255 inside) of the image's size."""
         png = self.studio.mask_png(image_id, mask_id, self._caller(request).scope)
         return FileData(path=self.outputs.write(f"{image_id}-mask-{int(mask_id)}.png", png))
 
-    def export_coco(self, image_id: str, mask_ids: list[int] | None = None, request: gr.Request = None) -> dict:
+    def export_coco(self, image_id: str, mask_ids: list[int] | None = None, request: gr.Request | None = None) -> dict:
         """A COCO dict (RLE segmentations) of all masks, or of the listed mask ids."""
         return self.studio.export_coco(image_id, mask_ids, self._caller(request).scope)
 
@@ -105,7 +110,7 @@ class Endpoints:
         points: list[list[float]] | None = None,
         point_labels: list[int] | None = None,
         box: list[float] | None = None,
-        request: gr.Request = None,
+        request: gr.Request | None = None,
     ) -> dict:
         """One object from points (label 1 include, 0 exclude) and/or a box [x0, y0, x1, y1], stored as a mask
         of a new image (`image`) or of a stored one (`image_id`).
@@ -126,13 +131,17 @@ class Endpoints:
                 cancel=cancel,
             )
 
-    def retry_uploads(self, request: gr.Request = None) -> dict:
+    def retry_uploads(self, request: gr.Request | None = None) -> dict:
         """Upload to S3 what failed earlier (yours) and finish deletions S3 missed.
         Returns {"message", "uploaded", "failed", "deleted"}."""
         return self.studio.retry_uploads(self._caller(request).scope)
 
     def share_render(
-        self, image_id: str, render_instructions: list[dict], background: str = "original", request: gr.Request = None
+        self,
+        image_id: str,
+        render_instructions: list[dict],
+        background: str = "original",
+        request: gr.Request | None = None,
     ) -> dict:
         """Upload a rendered composite to S3. Returns {"image_id", "url", "key"}."""
         return self.studio.share_render(image_id, render_instructions, background, self._caller(request).scope)

@@ -89,8 +89,7 @@ def load_image(data: bytes, *, max_pixels: int, max_bytes: int) -> np.ndarray:
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)  # animated GIF/WebP/APNG: the first frame
             im.load()
-            im = ImageOps.exif_transpose(im) or im
-            return to_rgb(im)
+            return to_rgb(ImageOps.exif_transpose(im) or im)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidInput(f"The image file is damaged or incomplete ({exc}).") from exc
 

@@ -31,10 +31,11 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as ASGIScope
 
 import imaging
-from access import Access
+from access import Access, Scope
 from errors import (
     Conflict,
     InvalidInput,
@@ -154,7 +155,7 @@ def legacy_router(studio: Studio, access: Access, settings: Settings) -> APIRout
     router = APIRouter(route_class=Route, tags=["REST API (the old backend's)"])
     heavy = threading.BoundedSemaphore(HEAVY_CONCURRENCY)
 
-    def scope_of(request: Request) -> str | None:
+    def scope_of(request: Request) -> Scope:
         return access.api_caller(request.headers).scope
 
     @router.post("/generate_and_store_masks")
@@ -183,9 +184,9 @@ def legacy_router(studio: Studio, access: Access, settings: Settings) -> APIRout
     @router.get("/images/{image_id}/info")
     def image_info(image_id: str, request: Request) -> StreamingResponse:
         """The image (a data URL), its size and every mask with its PNG (`mask_b64`)."""
-        owner = scope_of(request)
-        info = studio.info(image_id, owner)  # unknown ids answer 404 here, before the body starts
-        return StreamingResponse(_info_chunks(studio, image_id, owner, info), media_type="application/json")
+        scope = scope_of(request)
+        info = studio.info(image_id, scope)  # unknown ids answer 404 here, before the body starts
+        return StreamingResponse(_info_chunks(studio, image_id, scope, info), media_type="application/json")
 
     @router.get("/images")
     def list_images(request: Request) -> dict:
@@ -200,10 +201,10 @@ def legacy_router(studio: Studio, access: Access, settings: Settings) -> APIRout
         y: float = Query(..., description="Pixel row, from 0 at the top."),
     ) -> dict:
         """The smallest mask under pixel (x, y), and every mask under it, smallest first."""
-        owner = scope_of(request)
+        scope = scope_of(request)
         x, y = _number(x), _number(y)  # 150, not 150.0, in answers and messages
-        found = studio.mask_at_point(image_id, x, y, owner)
-        return _old_point_fields(found, x, y, lambda: studio.find(image_id, owner).mask_count)
+        found = studio.mask_at_point(image_id, x, y, scope)
+        return _old_point_fields(found, x, y, lambda: studio.find(image_id, scope).mask_count)
 
     @router.delete("/images/{image_id}")
     def delete_image(image_id: str, request: Request) -> dict:
@@ -238,18 +239,18 @@ def _old_point_fields(found: dict, x: float, y: float, mask_count: Callable[[], 
     }
 
 
-def _info_chunks(studio: Studio, image_id: str, owner: str | None, info: dict) -> Iterator[bytes]:
+def _info_chunks(studio: Studio, image_id: str, scope: Scope, info: dict) -> Iterator[bytes]:
     """/images/{id}/info as JSON pieces: the original and each mask's PNG are encoded one at a time,
     so a 128-mask answer never holds more than one PNG (and its base64) in memory."""
     masks = info.pop("available_masks")
     head = json.dumps(info)
     try:
         yield (head[:-1] + ', "original_image_b64": "data:image/png;base64,').encode()
-        yield base64.b64encode(imaging.encode_png(studio.load(image_id, owner).rgb))
+        yield base64.b64encode(imaging.encode_png(studio.load(image_id, scope).rgb))
         yield b'", "available_masks": ['
         for i, m in enumerate(masks):
-            yield ("," if i else "") + json.dumps(m)[:-1] + ', "mask_b64": "'
-            yield base64.b64encode(studio.mask_png(image_id, m["id"], owner))
+            yield (("," if i else "") + json.dumps(m)[:-1] + ', "mask_b64": "').encode()
+            yield base64.b64encode(studio.mask_png(image_id, m["id"], scope))
             yield b'"}'
         yield b"]}"
     except Exception:
@@ -278,7 +279,7 @@ class LegacyCORS:
             allow_credentials=True,  # as the old backend: its front end may send cookies or auth headers
         )
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and is_legacy_path(scope.get("path", "")):
             await self.cors(scope, receive, send)
         else:
@@ -289,7 +290,7 @@ class _WithoutOrigin:
     def __init__(self, app: ASGIApp):
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"origin"]
         await self.app({**scope, "headers": headers}, receive, send)
 

@@ -133,7 +133,7 @@ class PageState:
             and self.selected in cands
         )
         if again:
-            target = cands[(cands.index(self.selected) + 1) % len(cands)]  # type: ignore[arg-type]
+            target = cands[(cands.index(self.selected) + 1) % len(cands)]
             painted = self.paint(target, colour, replace_mask=self.selected)
         else:
             painted = self.paint(cands[0], colour)

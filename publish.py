@@ -106,7 +106,8 @@ class MaskPublisher:
     ) -> UploadReport:
         """Upload masks as PNGs (0/255, image size), concurrently; a failure leaves them pending."""
         total = len(rows)
-        items = ((m.s3_key, rle.to_png(index.mask(m.mask_id))) for m in rows)
+        keyed = [(_s3_key(m), m) for m in rows]
+        items = ((key, rle.to_png(index.mask(m.mask_id))) for key, m in keyed)
         on_progress = (
             (lambda done, n: progress(done / max(1, n), f"Uploaded {done} of {total} masks to S3"))
             if progress
@@ -117,15 +118,11 @@ class MaskPublisher:
         updates = [
             (
                 m.mask_id,
-                None
-                if m.s3_key in failed
-                else self.s3.url_for(m.s3_key)
-                if self.settings.s3_url_mode == "public"
-                else None,
-                m.s3_key,
-                "pending" if m.s3_key in failed else "uploaded",
+                None if key in failed else self.s3.url_for(key) if self.settings.s3_url_mode == "public" else None,
+                key,
+                "pending" if key in failed else "uploaded",
             )
-            for m in rows
+            for key, m in keyed
         ]
         self.db.set_mask_urls(image_id, updates)
         if report.failed:
@@ -276,3 +273,10 @@ class MaskPublisher:
         if done:
             log.info("S3: deleted %d object(s) of deleted images.", done)
         return done, ""
+
+
+def _s3_key(m: MaskRow) -> str:
+    """A mask's object key: every mask stored while S3 is configured was given one."""
+    if not m.s3_key:
+        raise StorageError(f"Mask {m.mask_id} of image {m.image_id} has no S3 key to upload it under.")
+    return m.s3_key

@@ -352,13 +352,13 @@ def set_rules(
         s = index._sets(mask_id)
         if not s.size:
             continue
-        if color == ORIGINAL:  # a cut-out: the photo's own pixel, opaque
+        if isinstance(color, str):  # ORIGINAL, the only colour given as text: a cut-out, the photo's own pixel
             c[s] = 0.0
             k[s] = 1.0
             if a is not None:
                 a[s] = 1.0
             continue
-        r, g, b, alpha8 = color  # type: ignore[misc]
+        r, g, b, alpha8 = color
         alpha = alpha8 / 255.0
         c[s] = alpha * np.array([r, g, b], dtype=np.float64) + (1.0 - alpha) * c[s]
         k[s] *= 1.0 - alpha
@@ -372,10 +372,10 @@ def set_rules(
 
 
 def render(
-    image: np.ndarray, index: MaskIndex, instructions: list[tuple[int, Color]], background: str = "original"
+    image: np.ndarray, index: MaskIndex, instructions: list[tuple[int, Color]], background: object = "original"
 ) -> np.ndarray:
     """The composite: background, then each mask's RGBA in order (source-over); a new HxWx3 (HxWx4 if transparent)."""
-    if background not in BACKGROUNDS:
+    if not isinstance(background, str) or background not in BACKGROUNDS:
         raise InvalidInput(f"Background must be one of {', '.join(BACKGROUNDS)}; got {_short(background)}.")
     h, w = index.shape
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (h, w, 3)):

@@ -411,7 +411,7 @@ class S3BlobStore:
             f"S3 bucket '{self.bucket}'{where} is reachable; masks go under '{self.prefix}' with {self.url_mode} URLs."
         )
 
-    def _detail(self, exc: Exception, fallback: StorageError) -> StorageError:
+    def _detail(self, exc: Exception, fallback: StorageError | NotFound) -> StorageError | NotFound:
         """HEAD answers carry no error code: ask once more with a GET to learn which one it was."""
         try:
             self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)

@@ -156,7 +156,10 @@ class Sam2Adapter:
         pts = None if points is None else np.asarray(points, np.float32) * scale
         box = None if boxes is None else np.asarray(boxes, np.float32) * np.tile(scale, 2)
         lab = None if labels is None else np.asarray(labels, np.int64)
-        n = (pts if pts is not None else box).shape[0]
+        prompts = pts if pts is not None else box
+        if prompts is None:
+            raise InvalidInput("A prompt needs points or a box.")
+        n = prompts.shape[0]
         logits, ious = [], []
         with torch.inference_mode():
             for start in range(0, n, DECODE_CHUNK):

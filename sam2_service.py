@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -371,7 +371,7 @@ def status_for(exc: MaskStudioError) -> int:
     return 500
 
 
-def describe_errors(errors: list[dict]) -> str:
+def describe_errors(errors: Sequence[dict]) -> str:
     """pydantic's validation errors as one sentence a person can act on."""
     if not errors:
         return "The request is not valid."

@@ -277,24 +277,24 @@ class Database:
         try:
             with self._transaction() as db:
                 if max_per_owner > 0:
-                    count = db["images"].count_where("owner = ?", [row.owner])
+                    count = db.table("images").count_where("owner = ?", [row.owner])
                     if count >= max_per_owner:
                         raise OwnerFull(count)
-                db["images"].insert(vars(row))
-                db["masks"].insert_all(_mask_record(m) for m in masks)
+                db.table("images").insert(vars(row))
+                db.table("masks").insert_all(_mask_record(m) for m in masks)
         except Conflict:
             raise id_taken(row.id) from None
 
     def image_exists(self, image_id: str, scope: Scope = EVERYONE) -> bool:
         """Whether the image is stored (and, for an owner's scope, theirs)."""
         where, args = _owned(scope)
-        return self._read(lambda db: db["images"].count_where(f"id = ? AND {where}", [image_id, *args]) > 0)
+        return self._read(lambda db: db.table("images").count_where(f"id = ? AND {where}", [image_id, *args]) > 0)
 
     def get_image(self, image_id: str, scope: Scope = EVERYONE) -> ImageRow:
         """The image row; someone else's image answers exactly like an unknown id."""
         where, args = _owned(scope)
         rows = self._read(
-            lambda db: list(db["images"].rows_where(f"id = ? AND {where}", [image_id, *args], select=_IMAGE_COLS))
+            lambda db: list(db.table("images").rows_where(f"id = ? AND {where}", [image_id, *args], select=_IMAGE_COLS))
         )
         if not rows:
             raise no_such_image(image_id)
@@ -307,16 +307,16 @@ class Database:
         return self._read(
             lambda db: [
                 ImageRow(**r)
-                for r in db["images"].rows_where(where, args, order_by=order, select=_IMAGE_COLS, limit=limit)
+                for r in db.table("images").rows_where(where, args, order_by=order, select=_IMAGE_COLS, limit=limit)
             ]
         )
 
     def count_images(self, owner: str) -> int:
-        return self._read(lambda db: db["images"].count_where("owner = ?", [owner]))
+        return self._read(lambda db: db.table("images").count_where("owner = ?", [owner]))
 
     def images_older_than(self, created_before: str) -> list[ImageRow]:
         rows = self._read(
-            lambda db: list(db["images"].rows_where("created_at < ?", [created_before], select=_IMAGE_COLS))
+            lambda db: list(db.table("images").rows_where("created_at < ?", [created_before], select=_IMAGE_COLS))
         )
         return [ImageRow(**r) for r in rows]
 
@@ -327,24 +327,24 @@ class Database:
         afterwards can never forget them: they stay recorded until forget_s3_deletions.
         """
         with self._transaction() as db:
-            image = list(db["images"].rows_where("id = ?", [image_id], select="owner"))
-            masks = db["masks"].rows_where("image_id = ? AND s3_key IS NOT NULL", [image_id], select="s3_key")
-            objects = db["objects"].rows_where("image_id = ?", [image_id], select="key")
+            image = list(db.table("images").rows_where("id = ?", [image_id], select="owner"))
+            masks = db.table("masks").rows_where("image_id = ? AND s3_key IS NOT NULL", [image_id], select="s3_key")
+            objects = db.table("objects").rows_where("image_id = ?", [image_id], select="key")
             keys = sorted({r["s3_key"] for r in masks} | {r["key"] for r in objects})
             owner = image[0]["owner"] if image else None
-            db["s3_deletions"].insert_all(({"key": k, "owner": owner} for k in keys), ignore=True)
-            db["images"].delete_where("id = ?", [image_id])
+            db.table("s3_deletions").insert_all(({"key": k, "owner": owner} for k in keys), ignore=True)
+            db.table("images").delete_where("id = ?", [image_id])
         return keys
 
     def blob_keys(self) -> set[str]:
-        return self._read(lambda db: {r["blob_key"] for r in db["images"].rows_where(select="blob_key")})
+        return self._read(lambda db: {r["blob_key"] for r in db.table("images").rows_where(select="blob_key")})
 
     # ---- masks ---------------------------------------------------------------------------
     def masks(self, image_id: str) -> list[MaskRow]:
         return self._read(
             lambda db: [
                 _mask_row(r)
-                for r in db["masks"].rows_where("image_id = ?", [image_id], order_by="mask_id", select=_MASK_COLS)
+                for r in db.table("masks").rows_where("image_id = ?", [image_id], order_by="mask_id", select=_MASK_COLS)
             ]
         )
 
@@ -353,11 +353,11 @@ class Database:
         with self._transaction() as db:
             (last,) = db.execute("SELECT max(mask_id) FROM masks WHERE image_id = ?", [mask.image_id]).fetchone()
             m = MaskRow(**{**vars(mask), "mask_id": 0 if last is None else last + 1})
-            db["masks"].insert(_mask_record(m))
+            db.table("masks").insert(_mask_record(m))
             db.execute("UPDATE images SET mask_count = mask_count + 1 WHERE id = ?", [mask.image_id])
         return m
 
-    def set_mask_urls(self, image_id: str, updates: list[tuple[int, str | None, str | None, str]]) -> None:
+    def set_mask_urls(self, image_id: str, updates: Sequence[tuple[int, str | None, str | None, str]]) -> None:
         """updates: (mask_id, mask_url, s3_key, upload_state)."""
         with self._transaction() as db:
             db.conn.executemany(
@@ -379,14 +379,14 @@ class Database:
     def add_object(self, image_id: str, key: str, kind: str, upload_state: str) -> None:
         """Record an object of an image; NotFound when the image is gone (deleted meanwhile)."""
         with self._transaction() as db:
-            if not db["images"].count_where("id = ?", [image_id]):
+            if not db.table("images").count_where("id = ?", [image_id]):
                 raise NotFound(f"No image with id {image_id!r} (it was deleted).")
             record = {"key": key, "image_id": image_id, "kind": kind, "upload_state": upload_state}
-            db["objects"].insert(record, replace=True)
+            db.table("objects").insert(record, replace=True)
 
     def objects(self, image_id: str) -> list[tuple[str, str, str]]:
         """(key, kind, upload_state) of an image's other S3 objects."""
-        rows = self._read(lambda db: list(db["objects"].rows_where("image_id = ?", [image_id])))
+        rows = self._read(lambda db: list(db.table("objects").rows_where("image_id = ?", [image_id])))
         return [(r["key"], r["kind"], r["upload_state"]) for r in rows]
 
     def pending_objects(self, scope: Scope = EVERYONE, limit: int = 10_000) -> list[tuple[str, str, str]]:
@@ -410,19 +410,21 @@ class Database:
                 db.query("SELECT i.owner FROM objects o JOIN images i ON i.id = o.image_id WHERE o.key = ?", [key])
             )
             if found:
-                db["s3_deletions"].insert({"key": key, "owner": found[0]["owner"]}, ignore=True)
-            db["objects"].delete_where("key = ?", [key])
+                db.table("s3_deletions").insert({"key": key, "owner": found[0]["owner"]}, ignore=True)
+            db.table("objects").delete_where("key = ?", [key])
 
     # ---- S3 objects to delete (of images already deleted) -------------------------------------
     def record_s3_deletions(self, keys: Sequence[str], owner: str | None = None) -> None:
         """Remember keys to delete from S3 (recorded without an owner: only an all-owners retry deletes them)."""
         with self._transaction() as db:
-            db["s3_deletions"].insert_all(({"key": k, "owner": owner} for k in keys), ignore=True)
+            db.table("s3_deletions").insert_all(({"key": k, "owner": owner} for k in keys), ignore=True)
 
     def s3_deletions(self, scope: Scope = EVERYONE, limit: int = 10_000) -> list[str]:
         """Keys still to delete from S3 (of the scope's deleted images)."""
         where, args = _owned(scope)
-        rows = self._read(lambda db: list(db["s3_deletions"].rows_where(where, args, order_by="key", limit=limit)))
+        rows = self._read(
+            lambda db: list(db.table("s3_deletions").rows_where(where, args, order_by="key", limit=limit))
+        )
         return [r["key"] for r in rows]
 
     def forget_s3_deletions(self, keys: Sequence[str]) -> None:

@@ -68,7 +68,7 @@ def _fraction(progress: Progress | None, start: float, end: float) -> Progress |
 def _scope(owner: object) -> Scope:
     """An owner's name or EVERYONE; None is refused loudly (it once meant "everyone", silently)."""
     if owner is EVERYONE or (isinstance(owner, str) and owner):
-        return owner  # type: ignore[return-value]
+        return owner
     raise TypeError(f"owner must be an owner's name or access.EVERYONE, got {owner!r}")
 
 

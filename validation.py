@@ -65,7 +65,7 @@ def check_mask_id(mask_id: object) -> int:
 
 def check_prompt(
     points: object, point_labels: object, box: object, width: int, height: int
-) -> tuple[list[list[int]] | None, list[int] | None, list[float] | None]:
+) -> tuple[list[list[float]] | None, list[int] | None, list[float] | None]:
     """Point/box prompts checked against the image size: (points, labels, box) ready for a segmenter.
 
     points: [[x, y], ...] pixels, floored to ints; point_labels: 1 include / 0 exclude, one per point
@@ -79,7 +79,8 @@ def check_prompt(
     return pts or None, labels or None, bx
 
 
-def _check_points(points: object, width: int, height: int) -> list[list[int]]:
+def _check_points(points: object, width: int, height: int) -> list[list[float]]:
+    # The values are ints (floored); typed float because every Segmenter.segment takes `list[list[float]]`.
     if points is None:
         return []
     if not isinstance(points, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in points):
