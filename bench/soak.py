@@ -75,6 +75,7 @@ def start_app(data_dir: Path, work: Path) -> tuple[subprocess.Popen, str]:
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "GRADIO_TEMP_DIR": str(work / "gradio"),
+        "SEGMENTER": os.environ.get("SEGMENTER", "builtin"),  # builtin: comparable with earlier soaks
         "AUTH_MODE": "keys",
         "APP_API_KEYS": ",".join(f"{owner}:{key}" for owner, key in KEYS.items()),
         "SEGMENT_RATE_LIMIT": "0",

@@ -38,6 +38,7 @@ class AppProcess:
             **os.environ,
             "DATA_DIR": str(self.data_dir),
             "PORT": str(port),
+            "SEGMENTER": "builtin",  # what is tested is the storage under a kill, not an engine
             "HOST": "127.0.0.1",
             "GRADIO_ANALYTICS_ENABLED": "False",
             "HF_HUB_OFFLINE": "1",

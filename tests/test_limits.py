@@ -202,7 +202,7 @@ def test_retention_runs_at_start_up(tmp_path):
     studio = make_studio(tmp_path)
     studio.generate_and_store(PHOTO, image_id="ancient", owner="alice")
     studio.db.db.execute("UPDATE images SET created_at = '2000-01-01T00:00:00+00:00'")
-    restarted = app.create_studio(Settings(data_dir=tmp_path, retention_days=1))
+    restarted = app.create_studio(Settings(data_dir=tmp_path, retention_days=1, segmenter="builtin"))
     assert restarted.db.list_images(None) == [] and list(restarted.blobs.keys()) == []
 
 

@@ -42,7 +42,7 @@ def described_demo(tmp_path_factory):
     from agent_tools import describe_endpoints
     from settings import Settings
 
-    studio = app.create_studio(Settings(data_dir=tmp_path_factory.mktemp("docs")))
+    studio = app.create_studio(Settings(data_dir=tmp_path_factory.mktemp("docs"), segmenter="builtin"))
     try:
         demo = app.build_demo(studio.settings, studio)
         assert sorted(describe_endpoints(demo)) == sorted(ENDPOINT_DOCS)

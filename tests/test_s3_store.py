@@ -445,7 +445,7 @@ def test_a_misconfigured_client_is_a_storage_error_naming_the_setting(changes, e
 def test_the_app_still_starts_with_a_misconfigured_s3_and_says_why(tmp_path, changes, expected):
     import app
 
-    studio = app.create_studio(Settings(data_dir=tmp_path, s3_bucket="bkt", **changes))
+    studio = app.create_studio(Settings(data_dir=tmp_path, s3_bucket="bkt", segmenter="builtin", **changes))
     ok, sentence = studio.s3_status
     assert studio.s3 is None and not ok and expected in sentence  # shown in the status line
     out = studio.generate_and_store(encode(make_photo(48, 64)), image_id="works")
