@@ -3,7 +3,7 @@
 SAM's standard generator decodes 1024 grid points (three masks each) and throws nearly all of them away as
 duplicates; on a CPU that is a minute or two per photo. Here:
 1. prompt points come from a cheap over-segmentation of the photo (Felzenszwalb's graph segmentation on a
-   small copy) at several scales, coarse first and largest region first, one point per region at its
+   small copy) at two scales, coarse first and most salient region first, one point per region at its
    innermost pixel (distance-transform maximum). A point is skipped when a mask already accepted covers it
    and is not much larger than its region: prompts go where nothing fits yet;
 2. the decoder runs in batches (one include point per prompt; three multimask outputs: whole / part /
@@ -36,17 +36,20 @@ OnMasks = Callable[[list[dict]], None]
 MODEL_SIDE = 1024  # the encoder's input: longest side resized to this, then padded to a square
 LOW_RES = 256  # the decoder's mask logits cover the padded square at a quarter of its side
 PRED_IOU = 0.86  # a little under SAM's 0.88: the low-res estimate of a mask's quality is noisier
-STABILITY = 0.92  # a little under SAM's 0.95, for the same reason (measured on full-size logits: 0.95)
+STABILITY = 0.90  # SAM keeps ≥ 0.95, but another prompt on the same thing may give a sharper mask than ours did
+ROUGH_STABILITY = 0.75  # measured on the 256² logits, which underrate small masks (edges are coarse there)
 STABILITY_OFFSET = 1.0
 MIN_AREA_FRACTION = 0.001  # masks smaller than 0.1 % of the image are specks
-NMS_IOU = 0.88  # low-res mask IoU above which a candidate repeats an accepted mask
+NMS_IOU = 0.90  # low-res mask IoU from which a candidate repeats an accepted mask
 DUPLICATE_IOU = 0.95  # the guarantee at full size
 PROMPT_BUDGET = 144
 BATCH = 24  # the decoder costs about the same per prompt from 8 to 32 prompts a batch
 UPSCALE_CHUNK = 8
 WORK_SIDE = 320  # the over-segmentation runs on a copy this long
 # (Felzenszwalb scale, minimum region as a share of the working image), coarse first
-SCALES = ((800.0, 1 / 150), (250.0, 1 / 600), (80.0, 1 / 2000))
+SCALES = ((800.0, 1 / 150), (80.0, 1 / 2000))  # a middle scale measured worse: it spends prompts the fine one needs
+MIN_REGION = 0.0003  # regions smaller than this share of the image get no prompt of their own
+MIN_INNER = 1.5  # working pixels: thinner regions are slivers along an edge, not things
 COVER_RATIO = 3.0  # a point is covered by an accepted mask at most this many times its region's area
 
 
@@ -69,7 +72,7 @@ def generate(
     state = _Pass(model, emb, image.shape[0], image.shape[1], max_masks)
     stages = region_points(image, SCALES, WORK_SIDE)
     records: list[dict] = []
-    for number, stage in enumerate(stages, 1):
+    for stage in stages:
         pending = list(stage)
         while pending and state.prompts < PROMPT_BUDGET and len(state.accepted) < max_masks:
             _check(cancel)
@@ -80,12 +83,12 @@ def generate(
                     batch.append((x, y))
             if batch:
                 state.decode(batch)
-            report(0.85 * state.prompts / PROMPT_BUDGET, f"placing prompts ({state.prompts} so far)")
+                report(0.95 * state.prompts / PROMPT_BUDGET, f"{len(state.accepted)} masks found so far")
         new = state.finish_stage(cancel)
         records.extend(new)
         if new and on_masks is not None:
             on_masks(new)
-        report(0.85 + 0.15 * number / len(stages), f"{len(records)} masks ready")
+    report(1.0, f"{len(records)} masks ready")
     return records
 
 
@@ -153,7 +156,9 @@ class _Pass:
         keep = np.flatnonzero(scores >= PRED_IOU)
         if keep.size == 0:
             return
-        stab = stability_score(flat[keep], 0.0, STABILITY_OFFSET)
+        rough = stability_score(flat[keep], 0.0, STABILITY_OFFSET)
+        keep = keep[rough >= ROUGH_STABILITY]  # far below: no upsampling will rescue it
+        stab = np.array([upsampled_stability(flat[k], STABILITY_OFFSET) for k in keep], np.float32)
         keep, stab = keep[stab >= STABILITY], stab[stab >= STABILITY]
         order = np.argsort(-scores[keep], kind="stable")
         for i in order:
@@ -221,7 +226,7 @@ class _Pass:
             "bbox": bbox,
             "predicted_iou": round(cand.iou, 4),
             "stability_score": round(cand.stability, 4),
-            "point_coords": [[round(cand.point[0], 1), round(cand.point[1], 1)]],
+            "point_coords": [[round(float(cand.point[0]), 1), round(float(cand.point[1]), 1)]],
             "crop_box": [0, 0, self.w, self.h],
         }
 
@@ -240,6 +245,23 @@ def stability_score(logits: np.ndarray, threshold: float = 0.0, offset: float = 
     inner = (logits > threshold + offset).reshape(len(logits), -1).sum(axis=1)
     outer = (logits > threshold - offset).reshape(len(logits), -1).sum(axis=1)
     return np.where(outer > 0, inner / np.maximum(outer, 1), 0.0).astype(np.float32)
+
+
+def upsampled_stability(low: np.ndarray, offset: float = 1.0, factor: int = 4) -> float:
+    """Stability score of one 2-D low-res logit map after bilinear upsampling by `factor` (SAM scores masks at
+    full size, where a small mask's edge is sharper than on the 256² grid); only the mask's surroundings are
+    upsampled: outside the low-res pixels above -offset, and one pixel beyond them, nothing can exceed -offset."""
+    import cv2
+
+    outer = low > -offset
+    rows, cols = np.flatnonzero(outer.any(axis=1)), np.flatnonzero(outer.any(axis=0))
+    if rows.size == 0:
+        return 0.0
+    r0, r1 = max(0, rows[0] - 1), min(low.shape[0], rows[-1] + 2)
+    c0, c1 = max(0, cols[0] - 1), min(low.shape[1], cols[-1] + 2)
+    crop = np.ascontiguousarray(low[r0:r1, c0:c1], np.float32)
+    up = cv2.resize(crop, (crop.shape[1] * factor, crop.shape[0] * factor), interpolation=cv2.INTER_LINEAR)
+    return float(np.count_nonzero(up > offset) / max(1, np.count_nonzero(up > -offset)))
 
 
 def boxes_of(masks: np.ndarray) -> np.ndarray:
@@ -308,9 +330,11 @@ def mask_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.
 
 
 def region_points(image: np.ndarray, scales, work_side: int) -> list[list[tuple[float, float, float]]]:
-    """Per scale, one (x, y, area share) per over-segmentation region, largest first, (x, y) in original pixels.
+    """Per scale, one (x, y, area share) per over-segmentation region, (x, y) in original pixels.
 
-    The point is the region's innermost pixel (farthest from its edge), so a prompt lands inside the thing."""
+    The point is the region's innermost pixel (farthest from its edge), so a prompt lands inside the thing.
+    Regions come most salient first: sqrt(area) times the mean colour step across the region's edge, so a
+    small patch with a sharp outline goes before a fragment of texture cut out of a larger area."""
     import cv2
     from scipy import ndimage
     from skimage.segmentation import felzenszwalb
@@ -319,26 +343,39 @@ def region_points(image: np.ndarray, scales, work_side: int) -> list[list[tuple[
     factor = min(1.0, work_side / max(h, w))
     sh, sw = max(1, round(h * factor)), max(1, round(w * factor))
     small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA) if factor < 1 else image
+    lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32)
+    step_x = np.linalg.norm(lab[:, 1:] - lab[:, :-1], axis=2)
+    step_y = np.linalg.norm(lab[1:] - lab[:-1], axis=2)
     out = []
     for scale, min_share in scales:
         labels = felzenszwalb(small, scale=scale, sigma=0.8, min_size=max(4, int(min_share * sh * sw)))
+        n = int(labels.max()) + 1
+        cut_x, cut_y = labels[:, 1:] != labels[:, :-1], labels[1:] != labels[:-1]
         edge = np.zeros((sh, sw), bool)
-        edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-        edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+        edge[:, :-1] |= cut_x
+        edge[:-1, :] |= cut_y
         edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
         dist = cv2.distanceTransform((~edge).astype(np.uint8), cv2.DIST_L2, 3)
-        ids = np.arange(int(labels.max()) + 1)
-        areas = np.bincount(labels.ravel(), minlength=ids.size)
-        # distance plus a tiny position tie-break so the chosen pixel does not depend on scipy's scan order
-        pos = ndimage.maximum_position(
-            dist + np.float32(1e-6) * np.arange(sh * sw).reshape(sh, sw) / (sh * sw), labels, ids
-        )
-        order = np.argsort(-areas, kind="stable")
+        areas = np.bincount(labels.ravel(), minlength=n)
+        # colour steps across each region's edge, counted on both sides
+        sums = np.zeros(n)
+        counts = np.zeros(n)
+        for side_a, side_b, step, cut in (
+            (labels[:, 1:], labels[:, :-1], step_x, cut_x),
+            (labels[1:], labels[:-1], step_y, cut_y),
+        ):
+            for side in (side_a, side_b):
+                sums += np.bincount(side[cut], weights=step[cut], minlength=n)
+                counts += np.bincount(side[cut], minlength=n)
+        contrast = sums / np.maximum(counts, 1)
+        contrast[counts == 0] = contrast.max(initial=1.0)  # the whole image: nothing to contrast with
+        pos = ndimage.maximum_position(dist, labels, np.arange(n))
+        order = np.argsort(-(np.sqrt(areas) * contrast), kind="stable")
         stage = []
         for i in order:
-            if areas[i] == 0:
-                continue
             r, c = pos[i]
-            stage.append(((c + 0.5) / factor, (r + 0.5) / factor, float(areas[i]) / (sh * sw)))
+            if areas[i] < MIN_REGION * sh * sw or dist[r, c] < MIN_INNER:
+                continue
+            stage.append((float((c + 0.5) / factor), float((r + 0.5) / factor), float(areas[i]) / (sh * sw)))
         out.append(stage)
     return out

@@ -95,19 +95,28 @@ def test_grid_points_sit_at_cell_centres_row_by_row():
     np.testing.assert_allclose(grid_points(2, 4, 8), [[2, 1], [6, 1], [2, 3], [6, 3]])
 
 
-def test_region_points_land_inside_their_regions_coarse_stage_first():
+def test_region_points_land_inside_their_regions():
     image = np.zeros((60, 80, 3), np.uint8)
     image[:, 40:] = (250, 250, 250)
     image[10:20, 10:20] = (250, 0, 0)
-    stages = region_points(image, ((500.0, 1 / 50), (50.0, 1 / 500)), work_side=80)
+    stages = region_points(image, ((500.0, 1 / 100), (50.0, 1 / 100)), work_side=80)
     assert len(stages) == 2
     for stage in stages:
-        areas = [a for _, _, a in stage]
-        assert areas == sorted(areas, reverse=True)
-        assert sum(areas) == pytest.approx(1.0)
-    fine = {(int(x) // 10, int(y) // 10) for x, y, _ in stages[1]}
-    assert (1, 1) in fine  # the red square's centre cell
+        assert sum(a for _, _, a in stage) <= 1.0 + 1e-9
+        assert all(0 <= x < 80 and 0 <= y < 60 for x, y, _ in stage)
+    for stage in stages:
+        red = [(x, y, a) for x, y, a in stage if 10 <= x < 20 and 10 <= y < 20]
+        assert red == [(14.5, 14.5, pytest.approx(100 / 4800))]  # one prompt, in the middle of the red square
     assert any(x >= 40 for x, _, _ in stages[0]) and any(x < 40 for x, _, _ in stages[0])
+
+
+def test_region_points_put_a_sharp_small_patch_before_a_faint_large_one():
+    image = np.full((60, 80, 3), 128, np.uint8)
+    image[:, 40:] = 136  # a faint step: one large region
+    image[25:35, 10:20] = (250, 0, 0)  # a sharp patch
+    [stage] = region_points(image, ((50.0, 1 / 100),), work_side=80)
+    x, y, _ = stage[0]
+    assert 10 <= x < 20 and 25 <= y < 35
 
 
 # ---- with the real weights ----------------------------------------------------------------------------------
