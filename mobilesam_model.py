@@ -55,19 +55,21 @@ class ConvNorm(nn.Sequential):
 
     def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1):
         super().__init__()
+        self.shape = (cin, cout, kernel, stride, kernel // 2, groups)
         self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False))
         self.add_module("bn", nn.BatchNorm2d(cout))
 
     @torch.no_grad()
     def fold(self) -> None:
-        conv, bn = self.c, self.bn
-        if not isinstance(bn, nn.BatchNorm2d):
-            return
+        conv, bn = self._modules["c"], self._modules["bn"]
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+            return  # already folded
+        assert bn.running_var is not None and bn.running_mean is not None
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        fused = nn.Conv2d(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, groups=conv.groups
-        )
+        cin, cout, kernel, stride, pad, groups = self.shape
+        fused = nn.Conv2d(cin, cout, kernel, stride, pad, groups=groups)
         fused.weight.copy_(conv.weight * scale[:, None, None, None])
+        assert fused.bias is not None
         fused.bias.copy_(bn.bias - bn.running_mean * scale)
         self.c, self.bn = fused, nn.Identity()
 
@@ -128,6 +130,8 @@ class PatchMerging(nn.Module):
 
 class WindowAttention(nn.Module):
     """Multi-head attention inside one window, with a learned bias per head for each (|dy|, |dx|) offset."""
+
+    offset_index: torch.Tensor
 
     def __init__(self, dim: int, heads: int, window: int):
         super().__init__()
@@ -252,6 +256,8 @@ class TinyViTEncoder(nn.Module):
 
 class RandomFourierPositions(nn.Module):
     """Positions in [0, 1]² → 256 features: sin and cos of 2π (2p - 1) G, G a fixed random 2×128 matrix."""
+
+    positional_encoding_gaussian_matrix: torch.Tensor
 
     def __init__(self, features: int = PROMPT_DIM // 2):
         super().__init__()
@@ -484,7 +490,7 @@ class MobileSam:
 
         height, width = rgb.shape[:2]
         in_h, in_w = input_size(height, width)
-        resized = np.asarray(Image.fromarray(rgb).resize((in_w, in_h), Image.Resampling.BILINEAR))
+        resized = np.array(Image.fromarray(rgb).resize((in_w, in_h), Image.Resampling.BILINEAR))
         with torch.inference_mode():
             x = (torch.from_numpy(resized).permute(2, 0, 1).float() - self._mean) / self._std
             x = F.pad(x, (0, IMAGE_SIZE - in_w, 0, IMAGE_SIZE - in_h))[None]
@@ -510,7 +516,9 @@ class MobileSam:
         pts = None if points is None else torch.from_numpy(np.asarray(points, np.float32) * scale)
         lab = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64))
         box = None if boxes is None else torch.from_numpy(np.asarray(boxes, np.float32) * np.tile(scale, 2))
-        n = (pts if pts is not None else box).shape[0]
+        if pts is None and box is None:
+            raise ValueError("decode needs points or boxes")
+        n = pts.shape[0] if pts is not None else box.shape[0]  # type: ignore[union-attr]
         keep = slice(1, None) if multimask else slice(0, 1)
         logits, ious = [], []
         with torch.inference_mode():

@@ -19,4 +19,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# The MobileSAM weights (38 MB, hash-checked) into ./models once, so the tests run with the real model.
+.venv/bin/python -m model_weights models || echo "Could not fetch the MobileSAM weights: the MobileSAM tests will fail."
+
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,134 @@
+"""Benchmark the in-process MobileSAM engine: prompt latency, clicks-ready time, memory; baselines in the same run.
+
+    .venv/bin/python bench/bench_mobilesam.py [--clicks 20] [--runs 3]
+
+Figures (medians, runs interleaved with their baselines):
+- prompt: segment() server time on the cached embedding (decoder + upscale + RLE), target ≤ 60 ms; baseline:
+  the same click when the embedding has to be computed again (what a click costs without the cache);
+- clicks ready: prepare() on a new 1024² photo (hash, resize, encoder), target ≤ 1.5 s; baseline: the
+  built-in engine's first click on the same photo (it builds its whole hierarchy first);
+- memory: resident set size with the model loaded and 10 different photos embedded, target < 1.5 GB;
+  baseline: the process before the model was loaded.
+Each time is printed as wall time and as CPU time (both threads together): on a machine shared with other
+work the wall time grows with the load average (printed), the CPU time much less. One PASS/FAIL per target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from skimage import data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import model_weights  # noqa: E402
+from builtin_segmenter import BuiltinSegmenter  # noqa: E402
+from mobilesam_engine import MobileSamSegmenter  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_TARGET_S = 0.060
+READY_TARGET_S = 1.5
+MEMORY_TARGET_MB = 1536
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+
+
+def photo(name: str, variant: int = 0, side: int = 1024) -> np.ndarray:
+    """A scikit-image photo resized to side×side; variants are flipped/rotated (different pixels, same cost)."""
+    img = cv2.resize(getattr(data, name)(), (side, side), interpolation=cv2.INTER_CUBIC)
+    return np.ascontiguousarray(np.rot90(img, variant % 4) if variant else img)
+
+
+def timed(fn) -> tuple[float, float, object]:
+    """(wall s, CPU s of this process, result)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def verdict(ok: bool, text: str) -> None:
+    print(f"{'PASS' if ok else 'FAIL'}  {text}")
+
+
+def load_avg() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clicks", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    args = parser.parse_args()
+    print(f"load average at start: {load_avg()} ({os.cpu_count()} CPUs)")
+
+    before_mb = rss_mb()
+    model_weights.resolve(None, args.models)
+    wall, cpu, seg = timed(lambda: MobileSamSegmenter.load(checkpoint=None, models_dir=args.models, max_masks=64))
+    print(f"load model: {wall:.2f} s wall, {cpu:.2f} s CPU")
+    seg.cache.disk = None  # measure the encoder, not the disk copy of an earlier run
+    builtin = BuiltinSegmenter(max_masks=64)
+
+    ready, ready_cpu, first_click = [], [], []
+    for run in range(args.runs):
+        image = photo(PHOTOS[run % len(PHOTOS)], variant=1 + run // len(PHOTOS))
+        wall, cpu, _ = timed(lambda image=image: seg.prepare(image))
+        ready.append(wall)
+        ready_cpu.append(cpu)
+        wall, _, _ = timed(lambda image=image: builtin.segment(image, points=[[512, 512]], point_labels=[1]))
+        first_click.append(wall)
+    r, b = statistics.median(ready), statistics.median(first_click)
+    print(
+        f"clicks ready at 1024²: {r:.2f} s wall ({statistics.median(ready_cpu):.2f} s CPU); "
+        f"built-in engine's first click: {b:.2f} s  (ratio {b / r:.2f}x)"
+    )
+
+    image = photo("astronaut")
+    seg.prepare(image)
+    rng = np.random.default_rng(0)
+    clicks = rng.uniform(0, 1024, size=(args.clicks, 2)).tolist()
+    prompt, prompt_cpu = [], []
+    for x, y in clicks:
+        wall, cpu, _ = timed(lambda x=x, y=y: seg.segment(image, points=[[x, y]], point_labels=[1]))
+        prompt.append(wall)
+        prompt_cpu.append(cpu)
+    uncached = []
+    for x, y in clicks[: args.runs]:
+        seg.cache.clear()
+        wall, _, _ = timed(lambda x=x, y=y: seg.segment(image, points=[[x, y]], point_labels=[1]))
+        uncached.append(wall)
+    p, u = statistics.median(prompt), statistics.median(uncached)
+    print(
+        f"prompt on the cached embedding: {p * 1000:.1f} ms wall ({statistics.median(prompt_cpu) * 1000:.1f} ms CPU)"
+        f"; with the embedding recomputed: {u * 1000:.0f} ms  (ratio {u / p:.1f}x)"
+    )
+
+    for i in range(10):
+        seg.prepare(photo(PHOTOS[i % len(PHOTOS)], variant=4 + i))
+    mem = rss_mb()
+    print(
+        f"resident memory, model + {len(seg.cache)} embeddings cached: {mem:.0f} MB "
+        f"(before loading the model: {before_mb:.0f} MB, ratio {mem / before_mb:.1f}x)"
+    )
+    print(f"load average at end: {load_avg()}")
+    verdict(p <= PROMPT_TARGET_S, f"prompt median {p * 1000:.1f} ms <= {PROMPT_TARGET_S * 1000:.0f} ms")
+    verdict(r <= READY_TARGET_S, f"clicks ready median {r:.2f} s <= {READY_TARGET_S} s")
+    verdict(mem < MEMORY_TARGET_MB, f"memory {mem:.0f} MB < {MEMORY_TARGET_MB} MB")
+
+
+if __name__ == "__main__":
+    main()
