@@ -1,0 +1,143 @@
+"""Benchmark: the fast automatic pass (auto_masks) against SAM's standard generator (amg_reference), same run.
+
+Per photo (scikit-image's own photos, resized so the longest side is 1024): the time of each, encoder included;
+the ratio; the masks each found; recall = the share of the standard generator's masks (≥ 0.1 % of the image)
+that one of ours matches at IoU ≥ 0.8. Two photos were used to tune the fast pass; the others never were, and
+their figures are printed apart. Targets: ≤ 5 s median, ≥ 12× faster, recall ≥ 0.85.
+
+Run: /work/main/.venv/bin/python bench/bench_automatic.py [--quick] [--photos a,b] [--reference-cache DIR]
+--quick: one tuning photo and one held-out one. --reference-cache: reuse the standard generator's masks from
+DIR (for tuning iterations only: its time is then not measured, and no ratio is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from skimage import data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import masks
+from amg_reference import generate_reference
+from auto_masks import boxes_of, generate, pair_iou
+
+TUNING = ("astronaut", "coffee")
+HELD_OUT = ("chelsea", "rocket", "camera", "motorcycle", "coins")
+QUICK = ("astronaut", "chelsea")
+MATCH_IOU = 0.8
+MAX_MASKS = 128  # the app's default MAX_MASKS
+TARGET_S, TARGET_RATIO, TARGET_RECALL = 5.0, 12.0, 0.85
+
+
+def photo(name: str) -> np.ndarray:
+    """scikit-image's photo as RGB uint8, the longest side resized to 1024."""
+    img = np.asarray(data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)())
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    img = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+    h, w = img.shape[:2]
+    scale = 1024 / max(h, w)
+    size = (round(w * scale), round(h * scale))
+    return cv2.resize(img, size, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
+
+
+def recall(reference: list[np.ndarray], ours: list[np.ndarray]) -> float:
+    """Share of the reference masks that some mask of ours matches at IoU ≥ MATCH_IOU (exact, full size)."""
+    if not reference:
+        return 1.0
+    got = [(m, boxes_of(m[None])[0], int(m.sum())) for m in ours]
+    hits = 0
+    for ref in reference:
+        box, area = boxes_of(ref[None])[0], int(ref.sum())
+        hits += any(
+            min(area, a) >= MATCH_IOU * max(area, a) and pair_iou(ref, box, area, m, b, a) >= MATCH_IOU
+            for m, b, a in got
+        )
+    return hits / len(reference)
+
+
+def load_model():
+    """The MobileSAM network with the weights under models/ (or MOBILESAM_CHECKPOINT)."""
+    import os
+
+    from mobilesam_model import load
+
+    root = Path(__file__).resolve().parent.parent
+    return load(Path(os.environ.get("MOBILESAM_CHECKPOINT", root / "models" / "mobile_sam.pt")))
+
+
+def run_ours(model, image: np.ndarray) -> tuple[float, list[np.ndarray]]:
+    start = time.perf_counter()
+    emb = model.embed(image)
+    records = generate(model, emb, image, max_masks=MAX_MASKS)
+    elapsed = time.perf_counter() - start
+    return elapsed, [masks.decode(r["segmentation"]) for r in records]
+
+
+def run_reference(model, image: np.ndarray, name: str, cache: Path | None) -> tuple[float | None, list[np.ndarray]]:
+    path = cache / f"{name}.npz" if cache else None
+    if path is not None and path.exists():
+        stored = np.load(path)
+        return None, list(stored["masks"])
+    start = time.perf_counter()
+    emb = model.embed(image)
+    records = generate_reference(model, emb, image)
+    elapsed = time.perf_counter() - start
+    found = [r["mask"] for r in records]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, masks=np.stack(found) if found else np.zeros((0, *image.shape[:2]), bool))
+    return elapsed, found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two photos instead of seven")
+    parser.add_argument("--photos", help="comma-separated scikit-image photo names")
+    parser.add_argument("--reference-cache", type=Path, help="reuse the standard generator's masks (tuning only)")
+    args = parser.parse_args()
+    names = args.photos.split(",") if args.photos else list(QUICK if args.quick else TUNING + HELD_OUT)
+    model = load_model()
+    model.embed(photo("astronaut"))  # warm-up: first-call allocations are not what a photo costs
+    print(f"{'photo':16} {'set':8} {'ours s':>7} {'masks':>5} {'std s':>7} {'masks':>5} {'ratio':>6} {'recall':>6}")
+    rows = []
+    for name in names:
+        image = photo(name)
+        ours_s, ours = run_ours(model, image)
+        std_s, reference = run_reference(model, image, name, args.reference_cache)
+        rec = recall(reference, ours)
+        ratio = std_s / ours_s if std_s else None
+        kind = "tuning" if name in TUNING else "held-out"
+        rows.append((kind, ours_s, ratio, rec))
+        std = f"{std_s:7.1f}" if std_s else " cached"
+        shown = f"{ratio:6.1f}" if ratio else "     -"
+        print(
+            f"{name:16} {kind:8} {ours_s:7.2f} {len(ours):5d} {std} {len(reference):5d} {shown} {rec:6.2f}", flush=True
+        )
+    for kind in ("tuning", "held-out", "all"):
+        chosen = [r for r in rows if kind == "all" or r[0] == kind]
+        if not chosen:
+            continue
+        t = statistics.median(r[1] for r in chosen)
+        ratios = [r[2] for r in chosen if r[2]]
+        q = statistics.median(ratios) if ratios else None
+        rec = statistics.median(r[3] for r in chosen)
+        verdict = (
+            ("PASS" if t <= TARGET_S and rec >= TARGET_RECALL and (q is None or q >= TARGET_RATIO) else "FAIL")
+            if kind == "all"
+            else ""
+        )
+        shown = f"{q:.1f}×" if q else "-"
+        print(f"median {kind:9} ({len(chosen)}): time {t:.2f} s, ratio {shown}, recall {rec:.2f} {verdict}")
+    print(f"targets: time ≤ {TARGET_S} s, ratio ≥ {TARGET_RATIO}×, recall ≥ {TARGET_RECALL}")
+
+
+if __name__ == "__main__":
+    main()

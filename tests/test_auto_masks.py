@@ -1,0 +1,245 @@
+"""The fast automatic pass (auto_masks) with the real MobileSAM weights, and its pure helpers on tiny literal arrays."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import masks as rle
+from amg_reference import generate_reference, grid_points
+from auto_masks import (
+    box_iou_matrix,
+    box_nms,
+    boxes_of,
+    generate,
+    mask_nms,
+    pair_iou,
+    region_points,
+    stability_score,
+)
+from errors import SegmentationCancelled
+
+# ---- pure helpers ---------------------------------------------------------------------------------------------
+
+
+def test_stability_score_counts_pixels_above_plus_and_minus_offset():
+    logits = np.array(
+        [
+            [[-2.0, -0.5, 0.5], [1.5, 2.0, 3.0]],  # > 1: 3 pixels; > -1: 5 pixels
+            [[-3.0, -3.0, -3.0], [-3.0, -3.0, -3.0]],  # empty at both cutoffs
+            [[5.0, 5.0, -5.0], [-5.0, -5.0, -5.0]],  # sharp edges: stable
+        ],
+        np.float32,
+    )
+    np.testing.assert_allclose(stability_score(logits, 0.0, 1.0), [3 / 5, 0.0, 1.0])
+    np.testing.assert_allclose(stability_score(logits[:1], 1.0, 1.0), [1 / 4])  # > 2: one pixel; > 0: four
+
+
+def test_boxes_of_is_inclusive_and_zero_for_an_empty_mask():
+    m = np.zeros((3, 4, 5), bool)
+    m[0, 1:3, 2:5] = True
+    m[1, 3, 0] = True
+    np.testing.assert_array_equal(boxes_of(m), [[2, 1, 4, 2], [0, 3, 0, 3], [0, 0, 0, 0]])
+
+
+def test_box_iou_uses_torchvision_areas():
+    a = np.array([[0, 0, 10, 10]])
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 10, 9]])
+    np.testing.assert_allclose(box_iou_matrix(a, b)[0], [1.0, 50 / 150, 0.0, 0.9])
+
+
+@pytest.mark.parametrize(
+    ("threshold", "kept"),
+    [
+        (0.95, [1, 0, 2, 3]),  # nothing above 0.95
+        (0.85, [1, 2, 3]),  # box 0 has IoU 0.9 with the better-scored box 1
+        (0.3, [1, 3]),  # box 2 (IoU 50/150 with box 1) goes too; box 3 is far away
+    ],
+)
+def test_box_nms_keeps_the_best_scored_of_overlapping_boxes(threshold, kept):
+    boxes = np.array([[0, 0, 10, 9], [0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])
+    scores = np.array([0.8, 0.9, 0.7, 0.6])
+    np.testing.assert_array_equal(box_nms(boxes, scores, threshold), kept)
+
+
+def _square(top: int, left: int, side: int, size: int = 12) -> np.ndarray:
+    m = np.zeros((size, size), bool)
+    m[top : top + side, left : left + side] = True
+    return m
+
+
+def test_pair_iou_is_exact():
+    a, b = _square(0, 0, 4), _square(2, 2, 4)  # overlap 2x2 = 4, union 28
+    box_a, box_b = boxes_of(np.stack([a, b]))
+    assert pair_iou(a, box_a, 16, b, box_b, 16) == pytest.approx(4 / 28)
+    assert pair_iou(a, box_a, 16, _square(8, 8, 4), boxes_of(_square(8, 8, 4)[None])[0], 16) == 0.0
+
+
+def test_dedupe_drops_a_mask_one_pixel_away_from_a_better_one():
+    big = _square(0, 0, 10)  # 100 pixels
+    near = big.copy()
+    near[9, 9] = False  # IoU 99/100 with big
+    part = _square(0, 0, 5)  # nested, IoU 0.25
+    other = _square(10, 10, 2)
+    stack = np.stack([near, big, part, other])
+    np.testing.assert_array_equal(mask_nms(stack, np.array([0.95, 0.9, 0.8, 0.7]), 0.95), [0, 2, 3])
+    np.testing.assert_array_equal(mask_nms(stack, np.array([0.5, 0.9, 0.8, 0.7]), 0.95), [1, 2, 3])
+    np.testing.assert_array_equal(mask_nms(stack, np.array([0.5, 0.9, 0.8, 0.7]), 0.2), [1, 3])
+
+
+def test_grid_points_sit_at_cell_centres_row_by_row():
+    np.testing.assert_allclose(grid_points(2, 4, 8), [[2, 1], [6, 1], [2, 3], [6, 3]])
+
+
+def test_region_points_land_inside_their_regions():
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[:, 40:] = (250, 250, 250)
+    image[10:20, 10:20] = (250, 0, 0)
+    stages = region_points(image, ((500.0, 1 / 100), (50.0, 1 / 100)), work_side=80)
+    assert len(stages) == 2
+    for stage in stages:
+        assert sum(a for _, _, a in stage) <= 1.0 + 1e-9
+        assert all(0 <= x < 80 and 0 <= y < 60 for x, y, _ in stage)
+    for stage in stages:
+        red = [(x, y, a) for x, y, a in stage if 10 <= x < 20 and 10 <= y < 20]
+        assert red == [(14.5, 14.5, pytest.approx(100 / 4800))]  # one prompt, in the middle of the red square
+    assert any(x >= 40 for x, _, _ in stages[0]) and any(x < 40 for x, _, _ in stages[0])
+
+
+def test_region_points_put_a_sharp_small_patch_before_a_faint_large_one():
+    image = np.full((60, 80, 3), 128, np.uint8)
+    image[:, 40:] = 136  # a faint step: one large region
+    image[25:35, 10:20] = (250, 0, 0)  # a sharp patch
+    [stage] = region_points(image, ((50.0, 1 / 100),), work_side=80)
+    x, y, _ = stage[0]
+    assert 10 <= x < 20 and 25 <= y < 35
+
+
+# ---- with the real weights ----------------------------------------------------------------------------------
+
+CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "mobile_sam.pt"
+
+
+@pytest.fixture(scope="module")
+def model():
+    path = Path(os.environ.get("MOBILESAM_CHECKPOINT", CHECKPOINT))
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"The MobileSAM weights are missing on CI: {path}")
+        pytest.skip(f"the MobileSAM weights are not here ({path}); scripts/test.sh downloads them")
+    from mobilesam_model import load
+
+    return load(path)
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[:, :, :3])
+
+
+@pytest.fixture(scope="module")
+def embedded(model, astronaut):
+    return model.embed(astronaut)
+
+
+@pytest.fixture(scope="module")
+def records(model, embedded, astronaut):
+    return generate(model, embedded, astronaut, max_masks=128)
+
+
+def _decoded(records: list[dict]) -> list[np.ndarray]:
+    return [rle.decode(r["segmentation"]) for r in records]
+
+
+def test_automatic_masks_are_deterministic(model, embedded, astronaut, records):
+    again = generate(model, embedded, astronaut, max_masks=128)
+    assert [r["segmentation"] for r in again] == [r["segmentation"] for r in records]
+    assert [r["predicted_iou"] for r in again] == [r["predicted_iou"] for r in records]
+
+
+def test_records_are_valid_sam2_records(records, astronaut):
+    h, w = astronaut.shape[:2]
+    assert len(records) >= 10
+    for record, mask in zip(records, _decoded(records)):
+        assert record["segmentation"]["size"] == [h, w]
+        assert record["area"] == int(mask.sum()) >= 0.001 * h * w * 0.5
+        assert record["bbox"] == rle.bbox_of(mask)
+        assert record["crop_box"] == [0, 0, w, h]
+        assert 0.0 <= record["predicted_iou"] <= 1.5 and 0.0 <= record["stability_score"] <= 1.0
+        [[x, y]] = record["point_coords"]
+        assert 0 <= x < w and 0 <= y < h
+
+
+def test_no_two_masks_are_near_duplicates(records):
+    decoded = _decoded(records)
+    boxes = boxes_of(np.stack(decoded))
+    areas = [int(m.sum()) for m in decoded]
+    for i in range(len(decoded)):
+        for j in range(i):
+            assert pair_iou(decoded[i], boxes[i], areas[i], decoded[j], boxes[j], areas[j]) < 0.95, (i, j)
+
+
+def test_masks_are_hierarchical(records):
+    """Some mask lies (almost) wholly inside a clearly larger one: whole / part / sub-part."""
+    decoded = _decoded(records)
+    nested = 0
+    for i, part in enumerate(decoded):
+        for j, whole in enumerate(decoded):
+            if i != j and whole.sum() >= 1.5 * part.sum() and (part & whole).sum() >= 0.95 * part.sum():
+                nested += 1
+                break
+    assert nested >= 3
+
+
+def test_at_most_max_masks(model, embedded, astronaut):
+    few = generate(model, embedded, astronaut, max_masks=5)
+    assert 1 <= len(few) <= 5
+
+
+def test_progress_and_masks_arrive_as_they_are_made(model, embedded, astronaut, records):
+    fractions: list[float] = []
+    arrived: list[dict] = []
+    out = generate(
+        model,
+        embedded,
+        astronaut,
+        max_masks=128,
+        progress=lambda f, text: fractions.append(f),
+        on_masks=arrived.extend,
+    )
+    assert arrived == out and [r["segmentation"] for r in out] == [r["segmentation"] for r in records]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+
+
+def test_cancel_stops_the_pass(model, embedded, astronaut):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(SegmentationCancelled):
+        generate(model, embedded, astronaut, max_masks=128, cancel=cancel)
+    later = threading.Event()
+    calls = []
+
+    def progress(fraction, text):
+        calls.append(fraction)
+        later.set()  # the person leaves after the first batch
+
+    with pytest.raises(SegmentationCancelled):
+        generate(model, embedded, astronaut, max_masks=128, progress=progress, cancel=later)
+    assert len(calls) == 1
+
+
+def test_reference_generator_keeps_filtered_box_nms_masks(model, embedded, astronaut):
+    found = generate_reference(model, embedded, astronaut, points_per_side=4)
+    assert found
+    boxes = np.array([[b[0], b[1], b[0] + b[2] - 1, b[1] + b[3] - 1] for b in (r["bbox"] for r in found)])
+    ious = box_iou_matrix(boxes, boxes)
+    assert (ious[~np.eye(len(found), dtype=bool)] <= 0.7).all()
+    for r in found:
+        assert r["predicted_iou"] > 0.88 and r["stability_score"] >= 0.95
+        assert r["area"] == int(r["mask"].sum()) >= 0.001 * astronaut.shape[0] * astronaut.shape[1]
