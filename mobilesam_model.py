@@ -534,6 +534,14 @@ class MobileSam:
                 ious.append(iou[:, keep].numpy())
         return np.concatenate(logits), np.concatenate(ious)
 
+    def low_res_frame(self, emb: Embedding) -> tuple[int, int, float, float]:
+        """Where the image lies in the decoder's low-res logits: the rows and columns it covers (the rest is
+        the padding of the square input) and the scale from original pixels to low-res pixels along x and y."""
+        in_h, in_w = emb.input_size
+        height, width = emb.original_size
+        rows, cols = -(-in_h * LOW_RES // IMAGE_SIZE), -(-in_w * LOW_RES // IMAGE_SIZE)
+        return rows, cols, in_w / width * LOW_RES / IMAGE_SIZE, in_h / height * LOW_RES / IMAGE_SIZE
+
     def to_full(self, emb: Embedding, low_res_logits: np.ndarray) -> np.ndarray:
         """Low-res logits M×256×256 → logits M×H×W at the original size (mask = logits > 0)."""
         in_h, in_w = emb.input_size

@@ -175,6 +175,12 @@ class Sam2Adapter:
                 ious.append(out.iou_scores[0].float().cpu().numpy())
         return np.concatenate(logits), np.concatenate(ious)
 
+    def low_res_frame(self, emb: Sam2Embedding) -> tuple[int, int, float, float]:
+        """Where the image lies in the decoder's low-res logits: all of them (SAM 2 squashes the image to the
+        square, no padding), and the scale from original pixels to low-res pixels along x and y."""
+        height, width = emb.original_size
+        return self.low_res, self.low_res, self.low_res / width, self.low_res / height
+
     def to_full(self, emb: Sam2Embedding, low_res_logits: np.ndarray) -> np.ndarray:
         """Low-res logits M×L×L → logits M×H×W at the original size (mask = logits > 0)."""
         import torch
