@@ -18,6 +18,7 @@ import numpy as np
 
 import masks as rle
 from auto_masks import Progress, box_nms, boxes_of, stability_score
+from errors import SegmentationCancelled
 
 
 def grid_points(points_per_side: int, h: int, w: int) -> np.ndarray:
@@ -53,8 +54,6 @@ def generate_reference(
     kept_points: list[np.ndarray] = []
     for start in range(0, len(points), points_per_batch):
         if cancel is not None and cancel.is_set():
-            from errors import SegmentationCancelled
-
             raise SegmentationCancelled("The reference generator was cancelled.")
         batch = points[start : start + points_per_batch].astype(np.float32)
         labels = np.ones((len(batch), 1), np.int64)
