@@ -119,9 +119,23 @@ def _load_mobilesam(settings: Settings) -> Segmenter:
     )
 
 
-# name → (loader, the engine's name in a sentence). Next issue: "sam2": (_load_sam2, "SAM2").
+def _load_sam2(settings: Settings) -> Segmenter:
+    if not settings.sam2_model:
+        raise SegmentationUnavailable("SAM2_MODEL is not set (e.g. facebook/sam2.1-hiera-tiny)")
+    try:
+        module = importlib.import_module("sam2_engine")
+        importlib.import_module("transformers")
+    except ImportError as exc:
+        raise ImportError(f"SAM2 needs torch and transformers (pip install -r requirements-sam2.txt): {exc}") from exc
+    return module.Sam2Segmenter.load(
+        settings.sam2_model, settings.models_dir / "hub", settings.sam2_device, max_masks=settings.max_masks
+    )
+
+
+# name → (loader, the engine's name in a sentence).
 ENGINES: dict[str, tuple[Loader, str]] = {
     "service": (_load_service, "the SAM2 service"),
+    "sam2": (_load_sam2, "SAM2"),
     "mobilesam": (_load_mobilesam, "MobileSAM"),
     "builtin": (_load_builtin, BUILTIN_NAME),
 }
@@ -139,7 +153,9 @@ def make_segmenter(settings: Settings) -> tuple[Segmenter, str | None]:
     if choice == "auto":
         if settings.sam_api_url:
             return _load_service(settings), None
-        return _first_model(settings, AUTO_MODELS, explicit=False)
+        # SAM2_MODEL set: SAM 2 in this process first (a GPU box or Space), MobileSAM if it cannot load.
+        models = ("sam2", *AUTO_MODELS) if settings.sam2_model else AUTO_MODELS
+        return _first_model(settings, models, explicit=False)
     if choice in ("service", "builtin"):
         return ENGINES[choice][0](settings), None
     return _first_model(settings, (choice,), explicit=True)

@@ -22,7 +22,7 @@ ENGINE_BUILTIN = "built-in classical segmenter (offline)"
 # limit would be one limit shared by everyone.)
 SPACE_IMAGES = 50
 # SEGMENTER: auto = the SAM2 service when SAM_API_URL is set, else MobileSAM when it loads, else built-in.
-SEGMENTER_CHOICES = ("auto", "service", "mobilesam", "builtin")
+SEGMENTER_CHOICES = ("auto", "service", "sam2", "mobilesam", "builtin")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class Settings:
     segmenter: str = "auto"
     mobilesam_checkpoint: Path | None = None  # a local mobile_sam.pt; unset: looked for in models_dir
     models_folder: Path | None = None  # MODELS_DIR; unset: <data_dir>/models (see models_dir)
+    sam2_model: str | None = None  # SAM2_MODEL, a Hub id such as facebook/sam2.1-hiera-tiny (SEGMENTER=sam2)
+    sam2_device: str | None = None  # SAM2_DEVICE: cuda, mps or cpu; unset: the best there is
     # External SAM2 service (unset: the built-in segmenter runs)
     sam_api_url: str | None = field(default=None, repr=False)  # may hold user:password@
     sam_api_token: str | None = field(default=None, repr=False)
@@ -192,6 +194,8 @@ def _parse(env: Mapping[str, str]) -> dict:
         "segmenter": _choice(env, "SEGMENTER", SEGMENTER_CHOICES),
         "mobilesam_checkpoint": Path(p) if (p := _get(env, "MOBILESAM_CHECKPOINT")) else None,
         "models_folder": Path(p) if (p := _get(env, "MODELS_DIR")) else None,
+        "sam2_model": _get(env, "SAM2_MODEL"),
+        "sam2_device": _choice(env, "SAM2_DEVICE", ("cuda", "mps", "cpu")),
         "sam_api_url": (u.rstrip("/") if (u := _get(env, "SAM_API_URL")) else None),
         "sam_api_token": _get(env, "SAM_API_TOKEN"),
         "sam_api_timeout": _number(env, float, ("SAM_API_TIMEOUT",), 0.001),

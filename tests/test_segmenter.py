@@ -65,3 +65,31 @@ def test_mobilesam_that_cannot_load_falls_back_to_builtin_and_says_why(tmp_path,
 def test_a_bad_service_url_is_not_hidden_by_a_fallback():
     with pytest.raises(InvalidInput, match="must be an http:// or https:// address"):
         make_segmenter(Settings(sam_api_url="ftp://sam2.example/x"))
+
+
+def test_sam2_without_a_model_id_falls_back_and_says_what_to_set():
+    seg, reason = make_segmenter(Settings(segmenter="sam2"))
+    assert isinstance(seg, BuiltinSegmenter)
+    assert reason == (
+        "SAM2 not used: SAM2_MODEL is not set (e.g. facebook/sam2.1-hiera-tiny). "
+        "Using the built-in classical segmenter instead."
+    )
+
+
+def test_auto_tries_sam2_first_when_a_model_is_named_then_mobilesam(tmp_path):
+    """Here the Hub is out of reach (HF_HUB_OFFLINE) and the MobileSAM checkpoint missing: both reasons are given."""
+    settings = Settings(
+        sam2_model="facebook/sam2.1-hiera-tiny",
+        mobilesam_checkpoint=tmp_path / NO_CHECKPOINT,
+        models_folder=tmp_path,
+    )
+    seg, reason = make_segmenter(settings)
+    assert isinstance(seg, BuiltinSegmenter)
+    assert reason is not None and reason.startswith("SAM2 not used: ") and "; MobileSAM not used: " in reason
+
+
+def test_sam2_settings_from_the_environment():
+    settings = Settings.from_env({"SAM2_MODEL": "facebook/sam2.1-hiera-small", "SAM2_DEVICE": "cpu"}, None)
+    assert (settings.sam2_model, settings.sam2_device) == ("facebook/sam2.1-hiera-small", "cpu")
+    with pytest.raises(InvalidInput, match="SAM2_DEVICE"):
+        Settings.from_env({"SAM2_DEVICE": "tpu"}, None)
