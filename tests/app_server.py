@@ -21,8 +21,9 @@ def running_app(data_dir: Path, segmenter=None, **overrides):
     import app
 
     overrides.setdefault("port", free_port())
-    # The engine is the test's choice (most pass their own); never a model download behind a test's back.
-    overrides.setdefault("segmenter", "builtin")
+    # The engine is the test's choice (most pass their own): a SAM2 service when a test names one, else the
+    # built-in engine; never a model download behind a test's back.
+    overrides.setdefault("segmenter", "service" if overrides.get("sam_api_url") else "builtin")
     settings = Settings(host="127.0.0.1", data_dir=Path(data_dir), **overrides)
     studio = app.create_studio(settings)
     if segmenter is not None:
