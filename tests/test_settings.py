@@ -78,7 +78,7 @@ def test_secrets_are_not_in_repr():
         ({"SAM_API_PROTOCOL": "grpc"}, "SAM_API_PROTOCOL must be one of mask-studio, cog, replicate; got 'grpc'."),
         ({"S3_URL_MODE": "private"}, "S3_URL_MODE must be one of public, presigned"),
         ({"APP_API_KEYS": "just-a-key"}, "APP_API_KEYS must look like 'owner1:key1,owner2:key2'."),
-        ({"SEGMENTER": "sam3"}, "SEGMENTER must be one of auto, service, mobilesam, builtin; got 'sam3'."),
+        ({"SEGMENTER": "sam3"}, "SEGMENTER must be one of auto, service, sam2, mobilesam, builtin; got 'sam3'."),
     ],
 )
 def test_bad_values_say_what_to_fix(env, message):
