@@ -66,7 +66,8 @@ def parse_entry(image_id: str, entry: object, settings: Settings) -> OldImage:
         raise EntryRefused(f"the entry is {type(entry).__name__}, not an object with the image's fields")
     missing = [f for f in ("original_image_b64", "created_at", "available_masks") if f not in entry]
     if missing:
-        raise EntryRefused(f"the field{'s' if len(missing) > 1 else ''} {', '.join(missing)} is missing")
+        many = len(missing) > 1
+        raise EntryRefused(f"the field{'s' if many else ''} {', '.join(missing)} {'are' if many else 'is'} missing")
     try:
         data = imaging.decode_base64(entry["original_image_b64"])
         rgb = imaging.load_image(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_bytes)
@@ -97,10 +98,10 @@ def _old_mask(i: int, m: object, h: int, w: int) -> tuple[int, str, int, list[in
     if not isinstance(mask_id, int) or isinstance(mask_id, bool) or not 0 <= mask_id < 2**31:
         raise EntryRefused(f"available_masks[{i}] has the id {mask_id!r}; mask ids are whole numbers from 0")
     pixels = _mask_pixels(mask_id, m["mask_b64"], h, w)
-    area = m.get("area", int(pixels.sum()))
+    area = m["area"] if "area" in m else int(np.count_nonzero(pixels))
     if not isinstance(area, int) or isinstance(area, bool) or not 0 <= area <= h * w:
         raise EntryRefused(f"mask {mask_id} has the area {area!r}, not a pixel count of a {w}×{h} image")
-    bbox = m.get("bbox", rle.bbox_of(pixels))
+    bbox = m["bbox"] if "bbox" in m else rle.bbox_of(pixels)
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
         raise EntryRefused(f"mask {mask_id} has the bbox {bbox!r}, not [x, y, width, height]")
     return mask_id, rle.encode(pixels)["counts"], area, [int(round(v)) for v in bbox]
@@ -127,8 +128,8 @@ def _is_number(v: object) -> bool:
 def _created_at(value: object) -> str:
     """The old created_at in our form (UTC, seconds); a time without a zone is taken as UTC."""
     try:
-        when = dt.datetime.fromisoformat(value.strip())  # type: ignore[union-attr]
-    except (AttributeError, TypeError, ValueError):
+        when = dt.datetime.fromisoformat(value.strip() if isinstance(value, str) else "")
+    except ValueError:
         raise EntryRefused(f"created_at {value!r} is not an ISO date and time") from None
     when = when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
     return when.astimezone(dt.UTC).isoformat(timespec="seconds")
