@@ -57,7 +57,8 @@ ENDPOINT_DOCS: dict[str, str] = {
     "list_images": docstring(
         "List the caller's stored images, newest first.",
         {},
-        'A list of {"image_id", "width", "height", "created_at", "mask_count"}.',
+        'A list of {"image_id", "width", "height", "created_at", "mask_count", "name"}; "name" is the uploaded '
+        "file's name (an image imported from the old backend: its old id), or null.",
     ),
     "mask_at_point": docstring(
         "Find which masks cover one pixel: the smallest first (the part), then larger ones (the whole).",

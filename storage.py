@@ -117,6 +117,7 @@ class ImageRow:
     engine: str
     mask_count: int
     blob_key: str
+    name: str | None = None  # the uploaded file's name (an imported image: its id in the old backend), or None
 
     def summary(self, scope: Scope) -> dict:
         """The API's description of the image for `scope` (EVERYONE: the admin, who is also told the owner)."""
@@ -126,6 +127,7 @@ class ImageRow:
             "height": self.height,
             "created_at": self.created_at,
             "mask_count": self.mask_count,
+            "name": self.name,
         }
         return out if scope is not EVERYONE else {**out, "owner": self.owner}
 
@@ -145,7 +147,8 @@ class MaskRow:
     upload_state: str  # "none" (no S3), "pending" (to upload), "uploaded"
 
 
-# The schema of every database this app has written: a file made by an older version opens unchanged.
+# The schema of every database this app has written: a file made by an older version opens unchanged, and
+# gains the columns added since (_ADDED_COLUMNS) without losing a row.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY,
@@ -155,7 +158,8 @@ CREATE TABLE IF NOT EXISTS images (
     created_at TEXT NOT NULL,
     engine TEXT NOT NULL,
     mask_count INTEGER NOT NULL DEFAULT 0,
-    blob_key TEXT NOT NULL
+    blob_key TEXT NOT NULL,
+    name TEXT
 );
 CREATE INDEX IF NOT EXISTS images_owner_created ON images(owner, created_at);
 CREATE TABLE IF NOT EXISTS masks (
@@ -186,7 +190,9 @@ CREATE TABLE IF NOT EXISTS s3_deletions (
 );
 """
 
-_IMAGE_COLS = "id, owner, width, height, created_at, engine, mask_count, blob_key"
+# Columns added after the first release, each with its SQL type: ALTER TABLE ... ADD COLUMN keeps every row.
+_ADDED_COLUMNS = {"images": {"name": "TEXT"}}
+_IMAGE_COLS = "id, owner, width, height, created_at, engine, mask_count, blob_key, name"
 _MASK_COLS = (
     "image_id, mask_id, counts, area, bbox, predicted_iou, stability_score, point_coords, "
     "mask_url, s3_key, upload_state"
@@ -225,6 +231,7 @@ class Database:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with self._write_lock:
             self.db.executescript(_SCHEMA)
+        self._add_new_columns()
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -266,6 +273,16 @@ class Database:
             except BaseException:
                 db.rollback()
                 raise
+
+    def _add_new_columns(self) -> None:
+        """Give a database made by an older version the columns added since, keeping every row. Checked
+        again inside the write transaction: another process opening the same file at once may add them first."""
+        with self._transaction() as db:
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {c.name for c in db.table(table).columns}
+                for column, sql_type in columns.items():
+                    if column not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
 
     # ---- images --------------------------------------------------------------------------
     def insert_image(self, row: ImageRow, masks: list[MaskRow], max_per_owner: int = 0) -> None:

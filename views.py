@@ -72,8 +72,19 @@ def gallery_items(cutouts: Iterable[tuple[int, Any]]) -> tuple[list[tuple[Any, s
 
 
 def library_choices(rows: Iterable[dict]) -> list[tuple[str, str]]:
-    """Stored images (newest first) as (label, image id) dropdown choices."""
-    return [(f"{r['image_id']} · {r['width']}×{r['height']} · {r['mask_count']} masks", r["image_id"]) for r in rows]
+    """Stored images (newest first, as listed) as (label, image id) dropdown choices: the file's name (and the
+    id when it differs), size, date and mask count."""
+    return [(library_label(r), r["image_id"]) for r in rows]
+
+
+def library_label(row: dict) -> str:
+    """`photo.jpg (img_…) · 640×480 · 2026-01-01 12:00 · 12 masks`; an image without a name shows its id."""
+    name = row.get("name")
+    title = row["image_id"] if not name or name == row["image_id"] else f"{name} ({row['image_id']})"
+    created = str(row.get("created_at") or "")
+    when = f" · {created[:16].replace('T', ' ')}" if created else ""
+    masks = f"{row['mask_count']} mask{'' if row['mask_count'] == 1 else 's'}"
+    return f"{title} · {row['width']}×{row['height']}{when} · {masks}"
 
 
 def status_text(

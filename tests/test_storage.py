@@ -1,7 +1,10 @@
 """SQLite storage and the local blob store: round trips, transactions, ids, restarts."""
 
+import contextlib
 import re
 import shutil
+import sqlite3
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +200,52 @@ def test_a_database_made_by_the_previous_code_takes_writes(old_db):
     )
     assert [r.id for r in old_db.list_images("local")] == ["house", "img_new"]  # newest first
     assert old_db.integrity_ok()
+
+
+def test_an_old_database_gains_the_name_column_and_keeps_every_row(tmp_path):
+    path = tmp_path / "old.db"
+    shutil.copyfile(MADE_BY_MAIN, path)
+
+    def everything(conn):
+        tables = ("images", "masks", "objects", "s3_deletions")
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert "name" not in {r[1] for r in conn.execute("PRAGMA table_info(images)")}
+        before = everything(conn)
+    assert sum(len(rows) for rows in before.values()) == 3 + 12 + 2 + 3
+    db = Database(path)
+    assert [r.name for r in db.list_images()] == [None, None, None]
+    db.insert_image(ImageRow(**{**vars(_image("img_new")), "name": "photo.jpg"}), [])
+    assert db.get_image("img_new").name == "photo.jpg"
+    assert db.get_image("img_new").summary("local")["name"] == "photo.jpg"
+    del db
+    Database(path)  # opened again: the column is there already, nothing is added twice
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        after = everything(conn)
+    assert after["images"] == [(*r, None) for r in before["images"]] + [
+        ("img_new", "local", 8, 6, "2026-01-01T00:00:00+00:00", "test", 2, "images/img_new.png", "photo.jpg")
+    ]
+    assert {t: after[t] for t in ("masks", "objects", "s3_deletions")} == {
+        t: before[t] for t in ("masks", "objects", "s3_deletions")
+    }
+
+
+def test_two_opens_at_once_add_the_column_once(tmp_path):
+    path = tmp_path / "old.db"
+    shutil.copyfile(MADE_BY_MAIN, path)
+    errors = []
+
+    def open_it():
+        try:
+            Database(path).list_images()
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [r.name for r in Database(path).list_images()] == [None, None, None]

@@ -54,8 +54,30 @@ def test_painted_rows_and_gallery_items_and_library_choices():
         [1, "original pixels", 255],
     ]
     assert views.gallery_items([(4, "thumb-a"), (2, "thumb-b")]) == ([("thumb-a", "#4"), ("thumb-b", "#2")], [4, 2])
-    rows = [{"image_id": "house", "width": 128, "height": 96, "mask_count": 4}]
-    assert views.library_choices(rows) == [("house · 128×96 · 4 masks", "house")]
+    rows = [
+        {"image_id": "house", "width": 128, "height": 96, "mask_count": 4},
+        {
+            "image_id": "img_1",
+            "width": 8,
+            "height": 6,
+            "mask_count": 1,
+            "name": "garden.jpg",
+            "created_at": "2026-01-02T03:04:05+00:00",
+        },
+        {
+            "image_id": "old",
+            "width": 8,
+            "height": 6,
+            "mask_count": 0,
+            "name": "old",
+            "created_at": "2025-12-31T23:59:00+00:00",
+        },
+    ]
+    assert views.library_choices(rows) == [
+        ("house · 128×96 · 4 masks", "house"),
+        ("garden.jpg (img_1) · 8×6 · 2026-01-02 03:04 · 1 mask", "img_1"),
+        ("old · 8×6 · 2025-12-31 23:59 · 0 masks", "old"),
+    ]
     assert views.library_choices([]) == []
 
 
