@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,6 +52,7 @@ from validation import check_prompt, check_rgb
 
 log = logging.getLogger("mask_studio.sam2")
 
+SENT_CACHE = 4  # images kept encoded, as sent
 DEFAULT_PARAMS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
 
 
@@ -75,6 +77,9 @@ class HttpSegmenter:
         self._settings = settings
         self._auto_lock = threading.Lock()
         self._auto_cache: tuple[bytes, list[dict]] | None = None  # cog/replicate: last automatic result
+        # The last images as sent (encoded once): every click on a picture sends the same bytes again, and
+        # re-encoding a 1 MP PNG per click cost more than the prompt itself.
+        self._sent: OrderedDict[bytes, tuple[bytes, str, Frame]] = OrderedDict()
 
     # -- the Segmenter interface -------------------------------------------------------------------------
 
@@ -140,8 +145,23 @@ class HttpSegmenter:
     def _run(self, job, progress: Progress | None, cancel: threading.Event | None):
         return run_call(job, self.engine, self.http.timeout, progress, cancel)
 
+    def _encoded(self, image: np.ndarray) -> tuple[bytes, str, Frame]:
+        """The image as sent to the service, encoded once per image (the last SENT_CACHE images kept)."""
+        key = _image_key(image, {})
+        with self._auto_lock:
+            hit = self._sent.get(key)
+            if hit is not None:
+                self._sent.move_to_end(key)
+                return hit
+        prepared = prepare_image(image, self._settings)
+        with self._auto_lock:
+            self._sent[key] = prepared
+            while len(self._sent) > SENT_CACHE:
+                self._sent.popitem(last=False)
+        return prepared
+
     def _auto(self, call: Call, image: np.ndarray, params: dict) -> list[dict]:
-        data, mime, frame = prepare_image(image, self._settings)
+        data, mime, frame = self._encoded(image)
         payload, base_url = self._ask(call, self.protocol.auto_body(data, mime, params), frame)
         records = self._collect(call, payload, frame, base_url)
         records = keep_best(records, self._settings.max_masks)
@@ -149,7 +169,7 @@ class HttpSegmenter:
         return records
 
     def _prompted(self, call: Call, image: np.ndarray, points, labels, box) -> dict:
-        data, _, frame = prepare_image(image, self._settings)
+        data, _, frame = self._encoded(image)
         payload, base_url = self._ask(call, self.protocol.prompt_body(data, frame, points, labels, box), frame)
         records = self._collect(call, payload, frame, base_url)
         if not records:
