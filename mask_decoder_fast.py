@@ -49,7 +49,8 @@ def share(decoder, image: torch.Tensor, image_pe: torch.Tensor, dense: torch.Ten
     first = decoder.transformer.layers[0]
     t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
     k = src + pe
-    return Shared(src, pe, _heads(t2i.k_proj(k)), _heads(t2i.v_proj(src)), _heads(i2t.q_proj(k)).contiguous(), side)
+    k1, v1, q1 = (_heads(x).contiguous() for x in (t2i.k_proj(k), t2i.v_proj(src), i2t.q_proj(k)))
+    return Shared(src, pe, k1, v1, q1, side)
 
 
 def _tokens_to_image(attn, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

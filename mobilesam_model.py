@@ -476,11 +476,13 @@ class MobileSam:
     """The loaded network and the calls the engine and the automatic pass use (all thread-safe).
 
     fast_decoder: decode with mask_decoder_fast (the default; the same function rearranged, ~2× less CPU per
-    prompt) or with the plain MaskDecoder module (the reference the fast one is tested against)."""
+    prompt) or with the plain MaskDecoder module (the reference the fast one is tested against). The fast
+    decoder runs on onnxruntime once mobilesam_onnx.attach has given the model one (`onnx_decoder`)."""
 
     def __init__(self, net: MobileSamNet, *, fast_decoder: bool = True):
         self.net = net.eval()
         self.fast_decoder = fast_decoder
+        self.onnx_decoder = None  # mobilesam_onnx.attach sets it: the fast decoder on onnxruntime
         self._shared: OrderedDict[int, tuple[torch.Tensor, object]] = OrderedDict()
         self._shared_lock = threading.Lock()
         for module in net.modules():
@@ -549,6 +551,8 @@ class MobileSam:
             return decoder(emb.features, self._image_pe, sparse, self._dense)
         import mask_decoder_fast
 
+        if self.onnx_decoder is not None:
+            return self.onnx_decoder(self._shared_part(emb), sparse)
         return mask_decoder_fast.decode(decoder, self._shared_part(emb), sparse)
 
     def _shared_part(self, emb: Embedding):

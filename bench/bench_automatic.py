@@ -69,14 +69,19 @@ def recall(reference: list[np.ndarray], ours: list[np.ndarray]) -> float:
     return hits / len(reference)
 
 
-def load_model():
-    """The MobileSAM network with the weights under models/ (or MOBILESAM_CHECKPOINT)."""
-    import os
-
+def load_model(runtime: str = "onnx"):
+    """The MobileSAM network with the weights under models/ (or MOBILESAM_CHECKPOINT), its decoder on
+    onnxruntime (as the engine runs it) or in torch."""
+    import mobilesam_onnx
+    import model_weights
     from mobilesam_model import load
 
     root = Path(__file__).resolve().parent.parent
-    return load(Path(os.environ.get("MOBILESAM_CHECKPOINT", root / "models" / "mobile_sam.pt")))
+    path = Path(os.environ.get("MOBILESAM_CHECKPOINT", root / "models" / "mobile_sam.pt"))
+    model = load(path)
+    if runtime == "onnx" and not mobilesam_onnx.attach(model, root / "models", model_weights.sha256_of(path)):
+        print("onnxruntime decoder unusable: the torch decoder runs")
+    return model
 
 
 def run_ours(model, image: np.ndarray) -> tuple[float, float, list[np.ndarray]]:
@@ -110,11 +115,13 @@ def main() -> None:
     parser.add_argument("--photos", help="comma-separated scikit-image photo names")
     parser.add_argument("--reference-cache", type=Path, help="reuse the standard generator's masks (tuning only)")
     parser.add_argument("--budgets", help="comma-separated prompt budgets for the fast pass")
+    parser.add_argument("--runtime", choices=("onnx", "torch"), default="onnx", help="where the decoder runs")
     args = parser.parse_args()
     names = args.photos.split(",") if args.photos else list(QUICK if args.quick else TUNING + HELD_OUT)
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else [auto_masks.PROMPT_BUDGET]
     print("load average at start: " + " ".join(f"{v:.1f}" for v in os.getloadavg()))
-    model = load_model()
+    model = load_model(args.runtime)
+    print(f"decoder runtime: {'onnxruntime' if model.onnx_decoder is not None else 'torch'}")
     model.embed(photo("astronaut"))  # warm-up: first-call allocations are not what a photo costs
     header = f"{'photo':12} {'set':8} {'budget':>6} {'ours s':>7} {'cpu s':>6} {'masks':>5} {'std s':>7} {'masks':>5}"
     print(header + f" {'ratio':>6} {'recall':>6}")

@@ -64,3 +64,26 @@ def test_the_per_image_part_is_reused_only_for_its_own_embedding(models, emb):
     assert fast._shared_part(emb) is fast._shared_part(emb)
     other = fast.embed(data.astronaut())
     assert fast._shared_part(other) is not fast._shared_part(emb)
+
+
+def test_the_onnxruntime_decoder_matches_torch_and_is_cached(models, emb, tmp_path):
+    import mobilesam_onnx
+
+    fast, plain = models
+    on_ort = mobilesam_model.MobileSam(fast.net)
+    assert mobilesam_onnx.attach(on_ort, tmp_path, "0123456789abcdef")
+    path = mobilesam_onnx.cached_path(tmp_path, "0123456789abcdef")
+    assert path.is_file() and [p.name for p in tmp_path.iterdir()] == [path.name]
+    points = np.array([[[300.0, 200.0]], [[100.0, 350.0]], [[500.0, 50.0]]], np.float32)
+    labels = np.ones((3, 1), np.int64)
+    _same(on_ort.decode(emb, points, labels), plain.decode(emb, points, labels))
+
+
+def test_a_damaged_onnx_file_leaves_the_torch_decoder_in_charge(models, tmp_path, caplog):
+    import mobilesam_onnx
+
+    mobilesam_onnx.cached_path(tmp_path, "feedfacefeedface").write_bytes(b"not an onnx graph")
+    model = mobilesam_model.MobileSam(models[0].net)
+    assert not mobilesam_onnx.attach(model, tmp_path, "feedfacefeedface")
+    assert model.onnx_decoder is None
+    assert "decoder in torch" in caplog.text
