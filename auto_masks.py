@@ -16,8 +16,10 @@ duplicates; on a CPU that is a minute or two per photo. Here:
 4. only the survivors are upscaled to full size and encoded as COCO RLE, one stage (scale) at a time so the
    gallery fills as they arrive; a final check at full size guarantees that no two records have IoU ≥ 0.95.
 The model interface used: `decode(emb, points [N,K,2] (x, y) in original pixels, labels [N,K], None,
-multimask=True) -> (low_res_logits [N,3,256,256], iou_pred [N,3])` and `to_full(emb, logits [M,256,256]) ->
-[M,H,W]`. The result depends only on the image (fixed order everywhere, no time budget): it is deterministic.
+multimask=True) -> (low_res_logits [N,3,L,L], iou_pred [N,3])`, `to_full(emb, logits [M,L,L]) -> [M,H,W]` and
+`low_res_frame(emb) -> (rows, cols, x_scale, y_scale)`: where the image lies in the L×L logits (MobileSAM pads
+the image to a square, SAM 2 squashes it to one) and the scale from original to low-res pixels along x and y.
+The result depends only on the image (fixed order everywhere, no time budget): it is deterministic.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ from errors import InvalidInput, SegmentationCancelled
 Progress = Callable[[float, str], None]
 OnMasks = Callable[[list[dict]], None]
 
-MODEL_SIDE = 1024  # the encoder's input: longest side resized to this, then padded to a square
-LOW_RES = 256  # the decoder's mask logits cover the padded square at a quarter of its side
 PRED_IOU = 0.86  # a little under SAM's 0.88: SAM's grid may hit the same thing from a better-rated point
 STABILITY = 0.90  # SAM keeps ≥ 0.95, but another prompt on the same thing may give a sharper mask than ours did
 ROUGH_STABILITY = 0.75  # measured on the 256² logits, which underrate small masks (edges are coarse there)
@@ -63,14 +63,18 @@ def generate(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     on_masks: OnMasks | None = None,
+    pred_iou: float = PRED_IOU,
+    stability: float = STABILITY,
 ) -> list[dict]:
-    """Automatic masks of `image` (the RGB uint8 HxWx3 that `emb` embeds) as SAM2 records (module docstring)."""
+    """Automatic masks of `image` (the RGB uint8 HxWx3 that `emb` embeds) as SAM2 records (module docstring).
+
+    pred_iou and stability: the thresholds a mask must pass (tests with random weights open them)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise InvalidInput(f"Expected an RGB image of shape (H, W, 3), got {image.shape}.")
     if max_masks < 1:
         raise InvalidInput(f"max_masks must be at least 1, got {max_masks}.")
     report = progress or _no_progress
-    state = _Pass(model, emb, image.shape[0], image.shape[1], max_masks)
+    state = _Pass(model, emb, image.shape[0], image.shape[1], max_masks, pred_iou, stability)
     stages = region_points(image, SCALES, WORK_SIDE)
     records: list[dict] = []
     for stage in stages:
@@ -102,15 +106,9 @@ def _check(cancel: threading.Event | None) -> None:
         raise SegmentationCancelled("Segmentation was cancelled: the person who asked for it has left.")
 
 
-def model_input_size(h: int, w: int) -> tuple[int, int]:
-    """(h, w) of the image resized so its longest side is MODEL_SIDE (SAM's rounding)."""
-    scale = MODEL_SIDE / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
-
-
 @dataclass
 class _Candidate:
-    logits: np.ndarray  # the decoder's low-res logits, float32 (256, 256), padding included
+    logits: np.ndarray  # the decoder's low-res logits, float32 (L, L), padding included
     mask: np.ndarray  # logits > 0
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 inclusive (low-res)
     area: int
@@ -128,21 +126,22 @@ class _Pass:
     h: int
     w: int
     max_masks: int
+    pred_iou: float = PRED_IOU
+    stability: float = STABILITY
     prompts: int = 0
     accepted: list[_Candidate] = field(default_factory=list)
     emitted: list[tuple[np.ndarray, list[int], int]] = field(default_factory=list)
     staged: list[_Candidate] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        ih, iw = self.emb.input_size
-        self.lh, self.lw = -(-ih * LOW_RES // MODEL_SIDE), -(-iw * LOW_RES // MODEL_SIDE)
-        self.to_low = ih / self.h * LOW_RES / MODEL_SIDE  # original pixel → low-res pixel
+        # the model says where the image lies in its logits (MobileSAM pads to a square, SAM 2 squashes)
+        self.lh, self.lw, self.x_scale, self.y_scale = self.model.low_res_frame(self.emb)  # type: ignore[attr-defined]
         self.cover = np.full((self.lh, self.lw), np.inf, np.float32)  # smallest accepted area covering each pixel
         self.min_area = MIN_AREA_FRACTION * self.lh * self.lw
 
     def covered(self, x: float, y: float, area_fraction: float) -> bool:
-        r = min(self.lh - 1, int(y * self.to_low))
-        c = min(self.lw - 1, int(x * self.to_low))
+        r = min(self.lh - 1, int(y * self.y_scale))
+        c = min(self.lw - 1, int(x * self.x_scale))
         return bool(self.cover[r, c] <= COVER_RATIO * area_fraction * self.lh * self.lw)
 
     def decode(self, points: list[tuple[float, float]]) -> None:
@@ -150,17 +149,18 @@ class _Pass:
         labels = np.ones((len(points), 1), np.int64)
         logits, iou = self.model.decode(self.emb, pts, labels, None, multimask=True)
         self.prompts += len(points)
-        whole = np.asarray(logits, np.float32).reshape(-1, LOW_RES, LOW_RES)
+        logits = np.asarray(logits, np.float32)
+        whole = logits.reshape(-1, *logits.shape[-2:])
         iou = np.asarray(iou, np.float32)
         flat = whole[:, : self.lh, : self.lw]
         scores = iou.reshape(-1)
-        keep = np.flatnonzero(scores >= PRED_IOU)
+        keep = np.flatnonzero(scores >= self.pred_iou)
         if keep.size == 0:
             return
         rough = stability_score(flat[keep], 0.0, STABILITY_OFFSET)
-        keep = keep[rough >= ROUGH_STABILITY]  # far below: no upsampling will rescue it
+        keep = keep[rough >= min(ROUGH_STABILITY, self.stability)]  # far below: no upsampling will rescue it
         stab = np.array([upsampled_stability(flat[k], STABILITY_OFFSET) for k in keep], np.float32)
-        keep, stab = keep[stab >= STABILITY], stab[stab >= STABILITY]
+        keep, stab = keep[stab >= self.stability], stab[stab >= self.stability]
         order = np.argsort(-scores[keep], kind="stable")
         for i in order:
             if len(self.accepted) >= self.max_masks:

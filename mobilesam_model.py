@@ -26,6 +26,8 @@ logits > 0.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,7 @@ ENCODER_DEPTHS = (2, 2, 6, 2)
 ENCODER_HEADS = (2, 4, 5, 10)
 ENCODER_WINDOWS = (7, 7, 14, 7)
 DECODE_CHUNK = 8  # prompts per decoder pass: each costs ~30 MB of activations, the speed gain stops near 8
+SHARED_KEPT = 4  # images whose per-image decoder part (mask_decoder_fast.Shared, ~14 MB each) is kept
 
 
 # ------------------------------------------------------------------------------------------ image encoder
@@ -470,10 +473,18 @@ def input_size(height: int, width: int) -> tuple[int, int]:
 
 
 class MobileSam:
-    """The loaded network and the three calls the engine and the automatic pass use (all thread-safe)."""
+    """The loaded network and the calls the engine and the automatic pass use (all thread-safe).
 
-    def __init__(self, net: MobileSamNet):
+    fast_decoder: decode with mask_decoder_fast (the default; the same function rearranged, ~2× less CPU per
+    prompt) or with the plain MaskDecoder module (the reference the fast one is tested against). The fast
+    decoder runs on onnxruntime once mobilesam_onnx.attach has given the model one (`onnx_decoder`)."""
+
+    def __init__(self, net: MobileSamNet, *, fast_decoder: bool = True):
         self.net = net.eval()
+        self.fast_decoder = fast_decoder
+        self.onnx_decoder = None  # mobilesam_onnx.attach sets it: the fast decoder on onnxruntime
+        self._shared: OrderedDict[int, tuple[torch.Tensor, object]] = OrderedDict()
+        self._shared_lock = threading.Lock()
         for module in net.modules():
             if isinstance(module, ConvNorm):
                 module.fold()
@@ -529,10 +540,37 @@ class MobileSam:
                     None if lab is None else lab[part],
                     None if box is None else box[part],
                 )
-                low, iou = self.net.mask_decoder(emb.features, self._image_pe, sparse, self._dense)
+                low, iou = self._decode(emb, sparse)
                 logits.append(low[:, keep].numpy())
                 ious.append(iou[:, keep].numpy())
         return np.concatenate(logits), np.concatenate(ious)
+
+    def _decode(self, emb: Embedding, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder = self.net.mask_decoder
+        if not self.fast_decoder:
+            return decoder(emb.features, self._image_pe, sparse, self._dense)
+        import mask_decoder_fast
+
+        if self.onnx_decoder is not None:
+            return self.onnx_decoder(self._shared_part(emb), sparse)
+        return mask_decoder_fast.decode(decoder, self._shared_part(emb), sparse)
+
+    def _shared_part(self, emb: Embedding):
+        """The decoder's per-image part for this embedding, from a small LRU (a click after a click reuses it)."""
+        import mask_decoder_fast
+
+        key = id(emb.features)
+        with self._shared_lock:
+            hit = self._shared.get(key)
+            if hit is not None and hit[0] is emb.features:  # the tensor itself, not a reused id
+                self._shared.move_to_end(key)
+                return hit[1]
+        shared = mask_decoder_fast.share(self.net.mask_decoder, emb.features, self._image_pe, self._dense)
+        with self._shared_lock:
+            self._shared[key] = (emb.features, shared)
+            while len(self._shared) > SHARED_KEPT:
+                self._shared.popitem(last=False)
+        return shared
 
     def low_res_frame(self, emb: Embedding) -> tuple[int, int, float, float]:
         """Where the image lies in the decoder's low-res logits: the rows and columns it covers (the rest is
@@ -553,9 +591,9 @@ class MobileSam:
         return x[:, 0].numpy()
 
 
-def load(path: Path) -> MobileSam:
+def load(path: Path, *, fast_decoder: bool = True) -> MobileSam:
     """Build the network and load a checkpoint strictly (raises what torch raises: the caller translates)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     net = MobileSamNet()
     net.load_state_dict(state, strict=True)
-    return MobileSam(net)
+    return MobileSam(net, fast_decoder=fast_decoder)

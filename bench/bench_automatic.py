@@ -6,13 +6,18 @@ that one of ours matches at IoU ≥ 0.8. Two photos were used to tune the fast p
 their figures are printed apart. Targets: ≤ 5 s median, ≥ 12× faster, recall ≥ 0.85.
 
 Run: /work/main/.venv/bin/python bench/bench_automatic.py [--quick] [--photos a,b] [--reference-cache DIR]
+    [--budgets 144,216]
 --quick: one tuning photo and one held-out one. --reference-cache: reuse the standard generator's masks from
-DIR (for tuning iterations only: its time is then not measured, and no ratio is printed).
+DIR (for tuning iterations only: its time is then not measured, and no ratio is printed). --budgets: run the
+fast pass once per prompt budget (auto_masks.PROMPT_BUDGET, default the module's), each row measured against
+the same reference masks. Both passes use the same model and decoder; times are wall clock, with this
+process's CPU time (both threads) beside ours: on a shared machine the wall time grows with the load.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -24,6 +29,7 @@ from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import auto_masks
 import masks
 from amg_reference import generate_reference
 from auto_masks import boxes_of, generate, pair_iou
@@ -63,22 +69,28 @@ def recall(reference: list[np.ndarray], ours: list[np.ndarray]) -> float:
     return hits / len(reference)
 
 
-def load_model():
-    """The MobileSAM network with the weights under models/ (or MOBILESAM_CHECKPOINT)."""
-    import os
-
+def load_model(runtime: str = "onnx"):
+    """The MobileSAM network with the weights under models/ (or MOBILESAM_CHECKPOINT), its decoder on
+    onnxruntime (as the engine runs it) or in torch."""
+    import mobilesam_onnx
+    import model_weights
     from mobilesam_model import load
 
     root = Path(__file__).resolve().parent.parent
-    return load(Path(os.environ.get("MOBILESAM_CHECKPOINT", root / "models" / "mobile_sam.pt")))
+    path = Path(os.environ.get("MOBILESAM_CHECKPOINT", root / "models" / "mobile_sam.pt"))
+    model = load(path)
+    if runtime == "onnx" and not mobilesam_onnx.attach(model, root / "models", model_weights.sha256_of(path)):
+        print("onnxruntime decoder unusable: the torch decoder runs")
+    return model
 
 
-def run_ours(model, image: np.ndarray) -> tuple[float, list[np.ndarray]]:
-    start = time.perf_counter()
+def run_ours(model, image: np.ndarray) -> tuple[float, float, list[np.ndarray]]:
+    """(wall s, CPU s, masks) of the fast pass, encoder included."""
+    start, cpu = time.perf_counter(), time.process_time()
     emb = model.embed(image)
     records = generate(model, emb, image, max_masks=MAX_MASKS)
-    elapsed = time.perf_counter() - start
-    return elapsed, [masks.decode(r["segmentation"]) for r in records]
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return elapsed, cpu, [masks.decode(r["segmentation"]) for r in records]
 
 
 def run_reference(model, image: np.ndarray, name: str, cache: Path | None) -> tuple[float | None, list[np.ndarray]]:
@@ -102,41 +114,53 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two photos instead of seven")
     parser.add_argument("--photos", help="comma-separated scikit-image photo names")
     parser.add_argument("--reference-cache", type=Path, help="reuse the standard generator's masks (tuning only)")
+    parser.add_argument("--budgets", help="comma-separated prompt budgets for the fast pass")
+    parser.add_argument("--runtime", choices=("onnx", "torch"), default="onnx", help="where the decoder runs")
     args = parser.parse_args()
     names = args.photos.split(",") if args.photos else list(QUICK if args.quick else TUNING + HELD_OUT)
-    model = load_model()
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else [auto_masks.PROMPT_BUDGET]
+    print("load average at start: " + " ".join(f"{v:.1f}" for v in os.getloadavg()))
+    model = load_model(args.runtime)
+    print(f"decoder runtime: {'onnxruntime' if model.onnx_decoder is not None else 'torch'}")
     model.embed(photo("astronaut"))  # warm-up: first-call allocations are not what a photo costs
-    print(f"{'photo':16} {'set':8} {'ours s':>7} {'masks':>5} {'std s':>7} {'masks':>5} {'ratio':>6} {'recall':>6}")
+    header = f"{'photo':12} {'set':8} {'budget':>6} {'ours s':>7} {'cpu s':>6} {'masks':>5} {'std s':>7} {'masks':>5}"
+    print(header + f" {'ratio':>6} {'recall':>6}")
     rows = []
     for name in names:
         image = photo(name)
-        ours_s, ours = run_ours(model, image)
         std_s, reference = run_reference(model, image, name, args.reference_cache)
-        rec = recall(reference, ours)
-        ratio = std_s / ours_s if std_s else None
-        kind = "tuning" if name in TUNING else "held-out"
-        rows.append((kind, ours_s, ratio, rec))
-        std = f"{std_s:7.1f}" if std_s else " cached"
-        shown = f"{ratio:6.1f}" if ratio else "     -"
-        print(
-            f"{name:16} {kind:8} {ours_s:7.2f} {len(ours):5d} {std} {len(reference):5d} {shown} {rec:6.2f}", flush=True
-        )
-    for kind in ("tuning", "held-out", "all"):
-        chosen = [r for r in rows if kind == "all" or r[0] == kind]
-        if not chosen:
-            continue
-        t = statistics.median(r[1] for r in chosen)
-        ratios = [r[2] for r in chosen if r[2]]
-        q = statistics.median(ratios) if ratios else None
-        rec = statistics.median(r[3] for r in chosen)
-        verdict = (
-            ("PASS" if t <= TARGET_S and rec >= TARGET_RECALL and (q is None or q >= TARGET_RATIO) else "FAIL")
-            if kind == "all"
-            else ""
-        )
-        shown = f"{q:.1f}×" if q else "-"
-        print(f"median {kind:9} ({len(chosen)}): time {t:.2f} s, ratio {shown}, recall {rec:.2f} {verdict}")
+        for budget in budgets:
+            auto_masks.PROMPT_BUDGET = budget
+            ours_s, ours_cpu, ours = run_ours(model, image)
+            rec = recall(reference, ours)
+            ratio = std_s / ours_s if std_s else None
+            kind = "tuning" if name in TUNING else "held-out"
+            rows.append((kind, budget, ours_s, ratio, rec))
+            std = f"{std_s:7.1f}" if std_s else " cached"
+            shown = f"{ratio:6.1f}" if ratio else "     -"
+            print(
+                f"{name:12} {kind:8} {budget:6d} {ours_s:7.2f} {ours_cpu:6.2f} {len(ours):5d} {std} "
+                f"{len(reference):5d} {shown} {rec:6.2f}",
+                flush=True,
+            )
+    for budget in budgets:
+        for kind in ("tuning", "held-out", "all"):
+            chosen = [r for r in rows if r[1] == budget and (kind == "all" or r[0] == kind)]
+            if not chosen:
+                continue
+            t = statistics.median(r[2] for r in chosen)
+            ratios = [r[3] for r in chosen if r[3]]
+            q = statistics.median(ratios) if ratios else None
+            rec = statistics.median(r[4] for r in chosen)
+            passed = t <= TARGET_S and rec >= TARGET_RECALL and (q is None or q >= TARGET_RATIO)
+            verdict = ("PASS" if passed else "FAIL") if kind == "all" else ""
+            shown = f"{q:.1f}×" if q else "-"
+            print(
+                f"budget {budget} median {kind:9} ({len(chosen)}): time {t:.2f} s, ratio {shown}, "
+                f"recall {rec:.2f} {verdict}"
+            )
     print(f"targets: time ≤ {TARGET_S} s, ratio ≥ {TARGET_RATIO}×, recall ≥ {TARGET_RECALL}")
+    print("load average at end: " + " ".join(f"{v:.1f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Figures (medians, runs interleaved with their baselines):
   the same click when the embedding has to be computed again (what a click costs without the cache);
 - clicks ready: prepare() on a new 1024² photo (hash, resize, encoder), target ≤ 1.5 s; baseline: the
   built-in engine's first click on the same photo (it builds its whole hierarchy first);
+- decoder per prompt at batch 1 and batched (8, 24, 64 prompts a call): the engine's decoder (mask_decoder_fast
+  on onnxruntime), the same in torch, and the plain MaskDecoder module (baseline, ratios against it), interleaved;
 - memory: resident set size with the model loaded and 10 different photos embedded, target < 1.5 GB;
   baseline: the process before the model was loaded.
 Each time is printed as wall time and as CPU time (both threads together): on a machine shared with other
@@ -28,6 +30,7 @@ from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import mobilesam_model  # noqa: E402
 import model_weights  # noqa: E402
 from builtin_segmenter import BuiltinSegmenter  # noqa: E402
 from mobilesam_engine import MobileSamSegmenter  # noqa: E402
@@ -68,6 +71,44 @@ def load_avg() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
+def _variant(model, *, fast: bool, onnx: bool):
+    """The same loaded network with another decoder path (the engine's own model is left as it is)."""
+    other = mobilesam_model.MobileSam.__new__(mobilesam_model.MobileSam)
+    other.__dict__.update(model.__dict__)
+    other.fast_decoder = fast
+    other.onnx_decoder = model.onnx_decoder if onnx else None
+    return other
+
+
+def decoder_latency(model, emb, runs: int) -> None:
+    """Per-prompt decode time (ms, wall and CPU), batch by batch, interleaved: the engine's decoder (the fast
+    one on onnxruntime, when it loaded), the fast one in torch and the plain module (the baseline)."""
+    variants = {
+        "onnxruntime": _variant(model, fast=True, onnx=True),
+        "torch fast": _variant(model, fast=True, onnx=False),
+        "torch plain": _variant(model, fast=False, onnx=False),
+    }
+    if model.onnx_decoder is None:
+        del variants["onnxruntime"]
+    rng = np.random.default_rng(1)
+    chunk = mobilesam_model.DECODE_CHUNK
+    for batch in (1, 8, 24, 64):
+        points = rng.uniform(0, 1024, (batch, 1, 2)).astype(np.float32)
+        labels = np.ones((batch, 1), np.int64)
+        mobilesam_model.DECODE_CHUNK = batch
+        found: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+        model.decode(emb, points, labels)  # the per-image part of the fast decoder is made on the first call
+        for _ in range(runs):
+            for name, m in variants.items():
+                wall, cpu, _ = timed(lambda m=m, p=points, lab=labels: m.decode(emb, p, lab))
+                found[name].append((wall / batch, cpu / batch))
+        medians = {name: [statistics.median(v) * 1000 for v in zip(*found[name])] for name in variants}
+        base = medians["torch plain"]
+        shown = "; ".join(f"{name} {w:.1f} ms ({c:.1f} CPU, {base[0] / w:.2f}x)" for name, (w, c) in medians.items())
+        print(f"decoder per prompt, batch {batch:2d}: {shown}")
+    mobilesam_model.DECODE_CHUNK = chunk
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clicks", type=int, default=20)
@@ -98,6 +139,7 @@ def main() -> None:
     )
 
     image = photo("astronaut")
+    decoder_latency(seg.model, seg.model.embed(image), args.runs)
     seg.prepare(image)
     rng = np.random.default_rng(0)
     clicks = rng.uniform(0, 1024, size=(args.clicks, 2)).tolist()

@@ -129,9 +129,13 @@ def test_bad_prompts_are_refused_with_the_shared_messages(seg):
 
 
 def test_prepare_computes_the_embedding_once(seg):
+    from embedding_cache import image_key
+
     image = data.coffee()
-    first = seg.prepare(image)
-    assert seg.prepare(image.copy()) is first
+    seg.prepare(image)
+    first = seg.cache.get(image_key(image), lambda: pytest.fail("prepare should have cached the embedding"))
+    seg.prepare(image.copy())
+    assert seg.cache.get(image_key(image.copy()), lambda: pytest.fail("computed again")) is first
     assert tuple(first.features.shape) == (1, 256, 64, 64)
     assert first.original_size == (400, 600) and first.input_size == (683, 1024)
 
@@ -207,7 +211,8 @@ def test_embeddings_survive_a_restart_on_disk(seg):
     from embedding_cache import image_key
 
     image = data.chelsea()
-    first = seg.prepare(image)
+    seg.prepare(image)
+    first = seg.cache.get(image_key(image), lambda: pytest.fail("prepare should have cached the embedding"))
     models_dir = seg.cache.disk.folder.parent.parent
     again = MobileSamSegmenter.load(checkpoint=None, models_dir=models_dir, max_masks=8)
     found = again.cache.get(image_key(image), lambda: pytest.fail("the embedding should come from the disk"))

@@ -295,13 +295,14 @@ def test_sam2_engine_behind_the_service(photo):
 
     import torch
 
+    import auto_masks
     import sam2_engine
     import sam2_model
     from test_sam2_engine import tiny_sam2
 
     torch.set_num_threads(1)
     adapter = sam2_model.Sam2Adapter(tiny_sam2(), model_id="tiny-random-sam2")
-    auto_pass = functools.partial(sam2_engine.grid_pass, pred_iou=0.0, stability=0.0, points_per_side=4)
+    auto_pass = functools.partial(auto_masks.generate, pred_iou=0.0, stability=0.0)
     engine = sam2_engine.Sam2Segmenter.from_adapter(adapter, max_masks=8, auto_pass=auto_pass)
     app = sam2_service.build_service(Settings(max_masks=8), engine)
     with sam2_service.serving(app) as url:
