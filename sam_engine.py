@@ -61,6 +61,9 @@ class PromptModelSegmenter:
         self.engine = engine
         self.cache = cache
         self.max_masks = int(max_masks)
+        # What /health and the status line name: the model's device and id, when the model has them.
+        self.device: str = str(getattr(model, "device", "cpu"))
+        self.model_id: str | None = getattr(model, "model_id", None)
         self._auto_pass = auto_pass
         self._run = run or run_here
 
@@ -112,10 +115,11 @@ class PromptModelSegmenter:
         box: list[float] | None = None,
         cancel: threading.Event | None = None,
     ) -> list[dict]:
-        """SAM's multimask answers as records, largest first, near-duplicates merged (whole / part / sub-part)."""
+        """The decoder's answers as records, largest first, near-duplicates merged: for one point, SAM's three
+        (whole / part / sub-part); for several points or a box, its single answer."""
         check_rgb(image)
         pts, labels, bx = check_prompt(points, point_labels, box, image.shape[1], image.shape[0])
-        found = self._run(self._prompted, image, pts, labels, bx, cancel, True)
+        found = self._run(self._prompted, image, pts, labels, bx, cancel)
         return sorted(found, key=lambda r: -r["area"])
 
     def health(self) -> tuple[bool, str]:
@@ -140,11 +144,10 @@ class PromptModelSegmenter:
         report(1.0, f"{len(records)} masks ready")
         return records
 
-    def _prompted(self, image, points, labels, box, cancel, multimask: bool | None = None) -> list[dict]:
+    def _prompted(self, image, points, labels, box, cancel) -> list[dict]:
         """The decoder's non-empty answers, near-duplicates merged (the better predicted IoU kept)."""
         emb = self._embedding(image, None, cancel)
-        if multimask is None:
-            multimask = box is None and points is not None and len(points) == 1
+        multimask = box is None and points is not None and len(points) == 1
         pts = None if points is None else np.asarray(points, np.float32)[None]
         lab = None if labels is None else np.asarray(labels, np.int64)[None]
         boxes = None if box is None else np.asarray(box, np.float32)[None]

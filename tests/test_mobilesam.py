@@ -124,7 +124,7 @@ def test_large_images_are_downscaled_for_the_model_and_masks_come_back_full_size
 def test_bad_prompts_are_refused_with_the_shared_messages(seg):
     with pytest.raises(InvalidInput, match="outside the image"):
         seg.segment(data.astronaut(), points=[[600, 10]], point_labels=[1])
-    with pytest.raises(InvalidInput, match="at least one point or a box"):
+    with pytest.raises(InvalidInput, match="at least one include point"):
         seg.segment(data.astronaut())
 
 

@@ -133,8 +133,10 @@ def test_segment_gives_a_valid_record_for_the_best_candidate(engine, photo):
     assert record["crop_box"] == [0, 0, 128, 96]
     candidates = engine.candidates(photo, points=[[40, 70]])
     assert 1 <= len(candidates) <= 3  # whole / part / sub-part, empty ones dropped
-    ious = [c["predicted_iou"] for c in candidates]
-    assert ious == sorted(ious, reverse=True) and record == candidates[0]
+    areas = [c["area"] for c in candidates]  # whole first, then part, sub-part: the order clicks step through
+    assert areas == sorted(areas, reverse=True)
+    best = max(c["predicted_iou"] for c in candidates)  # segment: the decoder's best (random weights tie)
+    assert record in candidates and record["predicted_iou"] == best
 
 
 def test_several_points_or_a_box_ask_for_the_single_answer(engine, photo):
