@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from access import EVERYONE
 from app_server import running_app
 from chromium import launch, require_browser
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
@@ -226,7 +227,7 @@ def download(page, button: str) -> bytes:
 def ids_of(studio, image_id: str) -> dict[str, int]:
     """The stored mask ids of the house, window, sun and lower half (from the app's own index)."""
     at = {
-        name: studio.mask_at_point(image_id, x, y, None)["candidates"]
+        name: studio.mask_at_point(image_id, x, y, EVERYONE)["candidates"]
         for name, (x, y) in {"window": WINDOW_PX, "sun": SUN_PX}.items()
     }
     window, house, lower = at["window"]
@@ -259,7 +260,7 @@ def test_1_upload_shows_masks_and_names_engine(browser, tmp_path):
         page.wait_for_selector("#gallery .thumbnail-item")
         status = page.locator("#status").inner_text()
         assert status.count(engine) == 1, status
-        stored = studio.list_images(None)
+        stored = studio.list_images(EVERYONE)
         assert len(stored) == 1 and stored[0]["mask_count"] > 1
         assert page.locator("#gallery .thumbnail-item").count() == stored[0]["mask_count"]
         assert f"{stored[0]['mask_count']} masks from the {engine}" in toast_texts(page)
@@ -351,7 +352,7 @@ def test_4_gallery_select_undo_remove_clear(page, app, photo, pixels):
     page.wait_for_selector("#gallery .thumbnail-item")
     captions = page.locator("#gallery .thumbnail-item").all_inner_texts()
     shown = [int(re.search(r"#(\d+)", c).group(1)) for c in captions]
-    areas = {m["id"]: m["area"] for m in studio.info("gallery", None)["available_masks"]}
+    areas = {m["id"]: m["area"] for m in studio.info("gallery", EVERYONE)["available_masks"]}
     assert shown == sorted(areas, key=lambda m: -areas[m]), (shown, areas)
     sun, window = SUN_PX, WINDOW_PX
     thumb = page.locator("#gallery .thumbnail-item").filter(has_text=re.compile(rf"#{ids['sun']}\b"))
@@ -559,7 +560,7 @@ def test_10_add_object_with_points(page, app, photo, pixels):
     it already is)."""
     url, studio = app
     upload(page, photo, "objects")
-    before = studio.info("objects", None)["mask_count"]
+    before = studio.info("objects", EVERYONE)["mask_count"]
     page.locator("#click_mode").get_by_text("Add object: include").click()
     page.locator("#keep_object").wait_for(state="visible")
     click_pixel(page, *WINDOW_PX)  # an include point in the window → the window is previewed in cyan
@@ -571,8 +572,8 @@ def test_10_add_object_with_points(page, app, photo, pixels):
     updating(page, lambda: page.locator("#keep_object").click())
     # This test segmenter answers prompts with one of its own masks (the window): kept, it is that mask,
     # selected and painted, not a copy.
-    window = studio.mask_at_point("objects", *WINDOW_PX, None)["mask_id"]
-    assert studio.info("objects", None)["mask_count"] == before
+    window = studio.mask_at_point("objects", *WINDOW_PX, EVERYONE)["mask_id"]
+    assert studio.info("objects", EVERYONE)["mask_count"] == before
     assert f"Selected mask {window}" in selection(page)
     assert f"That object is mask {window} already" in toast_texts(page)
     assert painted_ids(page) == [window]
@@ -600,10 +601,10 @@ def test_11_a_big_rotated_phone_photo_is_clicked_where_it_is_seen(page, app, tmp
     natural = page.locator("#composite img").evaluate("i => [i.naturalWidth, i.naturalHeight]")
     assert natural == [1024, 768]  # upright, and a display copy rather than the full 2048 px
     x, y = int(0.30 * w), int(0.62 * h)  # inside the window, in the photo's own (full-size) pixels
-    expected = studio.mask_at_point("phone-photo", x, y, None)["mask_id"]
+    expected = studio.mask_at_point("phone-photo", x, y, EVERYONE)["mask_id"]
     click_pixel(page, x // 2, y // 2)  # the display copy's pixel the person sees there
     assert f"Selected mask {expected}" in selection(page)
-    assert studio.load("phone-photo", None).index.mask(expected).sum() == window.sum()
+    assert studio.load("phone-photo", EVERYONE).index.mask(expected).sum() == window.sum()
     assert_close(shown_pixel(page, x // 2, y // 2), blend(DEFAULT_RGBA, (240, 240, 250)), tol=4)
     page.shots.take(page, "phone-photo-window")
 
