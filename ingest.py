@@ -206,7 +206,7 @@ class Ingest:
         stop: threading.Event | None = None,
     ) -> tuple[list[int], list[int]]:
         """Store the records' masks with a stored image, each unless a stored mask repeats it (IoU ≥ 0.95):
-        (the ids, stored or reused, in the records' order; the ids newly stored). `limit`: no new mask once the
+        (the ids, stored or reused, largest mask first; the ids newly stored). `limit`: no new mask once the
         image has that many. `stop` set (the image is being deleted): nothing more is stored."""
         rows = mask_rows(row.id, records, (row.height, row.width), len(records) or 1)
         if not rows:
@@ -303,7 +303,7 @@ def same_mask(a: MaskRow, b: MaskRow, shape: tuple[int, int]) -> bool:
     ma = rle.decode({"size": size, "counts": a.counts})
     mb = rle.decode({"size": size, "counts": b.counts})
     union = np.count_nonzero(ma | mb)
-    return union > 0 and np.count_nonzero(ma & mb) / union >= DUPLICATE_IOU
+    return bool(union > 0 and np.count_nonzero(ma & mb) / union >= DUPLICATE_IOU)
 
 
 def _with_key(row: MaskRow, key: str | None) -> MaskRow:
