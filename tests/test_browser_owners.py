@@ -1,5 +1,6 @@
 """Two anonymous browsers under AUTH_MODE=keys: each keeps its own library (a key in its local storage)."""
 
+from access import EVERYONE
 from app_server import free_port, running_app
 from chromium import launch, require_browser
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
@@ -37,7 +38,7 @@ def test_two_anonymous_browsers_do_not_see_each_others_images(tmp_path):
                 assert library_after_load(page) == ""
             upload_as(a, photo, "from-browser-one")
 
-            owners = {r.owner for r in studio.db.list_images(None)}
+            owners = {r.owner for r in studio.db.list_images(EVERYONE)}
             assert len(owners) == 1 and next(iter(owners)).startswith("anon:")
 
             assert library_after_load(a).startswith("from-browser-one")
