@@ -2,8 +2,9 @@
 
 `Studio` is the one place endpoints call. It checks every input once at this edge and ties together
 what it is given: the segmenter, the database, the blob store, the image cache (image_cache.py), the
-quotas (quotas.py) and, when a bucket is configured, the S3 publisher (publish.py). COCO export is
-coco.py; the segmenter's health for the status line is health.py.
+quotas (quotas.py) and, when a bucket is configured, the S3 publisher (publish.py). Storing images and
+masks is ingest.py; the automatic passes that run after the page's upload (SAM engines) are mask_passes.py;
+COCO export is coco.py; the segmenter's health for the status line is health.py.
 """
 
 from __future__ import annotations
