@@ -52,6 +52,7 @@ CSS = """
 # head, because Gradio scopes `css` inside @media to the app's content, where its notices are not.
 HEAD = "<style>@media (max-width: 639px) { .toast-wrap { top: auto !important; bottom: var(--size-3); } }</style>"
 STATUS_REFRESH_S = 20  # how often an open page refreshes its status line
+PASS_REFRESH_S = 1.0  # how often a page looks at the running automatic pass of its image
 RETENTION_SWEEP_S = 3600  # how often expired images are looked for, after the sweep at start-up
 
 
@@ -102,6 +103,9 @@ class Page:
     remove: Any
     clear: Any
     painted: Any
+    pass_progress: Any
+    pass_timer: Any
+    pass_shown: Any
     gallery: Any
     dl_png: Any
     dl_coco_painted: Any
@@ -210,6 +214,10 @@ def layout(secret: str, *, sign_in: bool) -> Page:
                 interactive=False,
                 max_height=220,
             )
+    # While the automatic pass of the open image runs (a SAM engine): its progress, the gallery filling up.
+    c["pass_progress"] = gr.Markdown(elem_id="pass_progress", visible=False)
+    c["pass_timer"] = gr.Timer(PASS_REFRESH_S, active=False)
+    c["pass_shown"] = gr.State(-1)  # the mask count the gallery shows, as the pass timer last refreshed it
     c["gallery"] = gr.Gallery(
         label="Masks, largest first (click to select)",
         elem_id="gallery",
@@ -249,10 +257,11 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     quick: dict[str, Any] = {**private, "show_progress": "hidden"}
     segment: dict[str, Any] = {"concurrency_id": "segment", "concurrency_limit": 2, **private}
     paint_inputs = [p.state, p.color, p.opacity, p.background]
+    watch = [p.pass_timer, p.pass_progress, p.pass_shown]  # the open image's automatic pass (SAM engines)
     p.upload.upload(
         user_errors(h.on_upload),
         [p.upload, p.custom_id, p.state, p.background],
-        [*fresh, p.library, p.status, p.upload, p.custom_id],
+        [*fresh, p.library, p.status, p.upload, p.custom_id, *watch],
         show_progress_on=[p.upload],  # progress (and an error badge) on the upload box only, not on every output
         **segment,
     ).failure(lambda: None, None, p.upload, **private)  # the box is ready for another file
@@ -273,7 +282,9 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     p.dl_png.click(user_errors(h.on_download_png), [p.state, p.background], p.downloads, **private)
     for button, which in ((p.dl_coco_painted, "painted"), (p.dl_coco_all, "all")):
         button.click(functools.partial(user_errors(h.on_download_coco), which=which), [p.state], p.downloads, **private)
-    p.open_btn.click(user_errors(h.on_open), [p.library, p.state, p.background], fresh, **private)
+    p.open_btn.click(user_errors(h.on_open), [p.library, p.state, p.background], [*fresh, *watch], **private)
+    ticked = [p.gallery, p.pass_progress, p.pass_timer, p.pass_shown]
+    p.pass_timer.tick(user_errors(h.on_pass_tick), [p.state, p.pass_shown], ticked, **quick)
     hide: dict[str, Any] = {"fn": lambda: gr.update(visible=False), "inputs": None, "outputs": p.confirm_row, **private}
     p.delete_btn.click(user_errors(h.on_ask_delete), [p.library, p.state], [p.confirm_row, p.confirm_text], **private)
     p.confirm_delete.click(
@@ -379,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         launch(settings, studio)  # blocks until the server stops (Ctrl-C)
     finally:
+        studio.passes.close()  # automatic passes still running or waiting stop
         studio.segmenter.close()  # the SAM2 client's pooled connections
 
 

@@ -17,7 +17,7 @@ import masks as rle
 import render
 import views
 from access import Access, is_browser_key
-from errors import InvalidInput, Unauthorized
+from errors import InvalidInput, NotFound, Unauthorized
 from page_state import PageState, click_tolerance
 from studio import Studio
 from web_io import Outputs, cancel_on_leave, client_address, upload_bytes
@@ -45,6 +45,8 @@ class PageHandlers:
     def show(self, state: PageState, background: str, *, refresh_gallery: bool = False) -> tuple:
         """state, composite, selection line, painted table, gallery (its thumbnails too if `refresh_gallery`)."""
         image = self._composite(state, background)
+        if state.image_id and not refresh_gallery:  # the gallery may have grown since (the automatic pass)
+            state = state.with_order(self.studio.load(state.image_id, owner_of(state)).by_area())
         gallery = self.highlight(state)
         if refresh_gallery:
             cutouts = self.studio.cutouts(state.image_id, owner_of(state)) if state.image_id else []
@@ -67,6 +69,8 @@ class PageHandlers:
         return gr.update(selected_index=NO_THUMBNAIL if index is None else index)
 
     def on_gallery_change(self, state):
+        if state.image_id:  # the thumbnails may be newer than the state's order (the automatic pass)
+            state = state.with_order(self.studio.load(state.image_id, owner_of(state)).by_area())
         return self.highlight(state)
 
     def show_image(self, state: PageState, background: str) -> tuple:
@@ -113,7 +117,7 @@ class PageHandlers:
         if data is None:
             raise InvalidInput("Choose an image file to upload.")
         with cancel_on_leave(self.demo, request) as cancel:  # the tab closed: stop a (possibly paid) segmentation
-            summary = self.studio.generate_and_store(
+            summary = self.studio.upload(
                 data,
                 image_id=(custom_id or "").strip() or None,
                 owner=owner_of(state),
@@ -125,13 +129,40 @@ class PageHandlers:
         gr.Info(views.upload_notice(summary), duration=4)
         _warn(views.s3_warning(summary["s3"], summary["mask_count"]))
         # Empty the upload box and the id: ready for the next photo without first clearing them.
-        return self.show_image(state, background) + (self.library(owner_of(state)), self.status(), None, "")
+        shown = self.show_image(state, background) + (self.library(owner_of(state)), self.status(), None, "")
+        return shown + self._pass_watch(state)
 
     def on_open(self, image_id, state, background):
         if not image_id:
             raise InvalidInput(NO_LIBRARY_CHOICE)
         self.studio.load(image_id, owner_of(state))
-        return self.show_image(state.opened(image_id), background)
+        state = state.opened(image_id)
+        return self.show_image(state, background) + self._pass_watch(state)
+
+    # ---- the automatic pass of the open image, running in the background ---------------------------
+    def _pass_watch(self, state: PageState) -> tuple:
+        """The pass timer (ticking while the open image's pass runs), its progress line, the mask count shown."""
+        status = self.studio.pass_status(state.image_id, owner_of(state)) if state.image_id else None
+        text = views.pass_progress(status)
+        running = status is not None and status["running"]
+        shown = status["mask_count"] if status is not None else -1
+        return gr.Timer(active=running), gr.update(value=text, visible=bool(text)), shown
+
+    def on_pass_tick(self, state, shown_count):
+        """While the open image's pass runs: its progress, and the gallery again whenever masks were added."""
+        try:
+            status = self.studio.pass_status(state.image_id, owner_of(state)) if state.image_id else None
+        except NotFound:  # the image was deleted meanwhile
+            status = None
+        if status is None:
+            return gr.skip(), gr.update(value="", visible=False), gr.Timer(active=False), -1
+        gallery = gr.skip()
+        if status["mask_count"] != shown_count:
+            items, order = views.gallery_items(self.studio.cutouts(state.image_id, owner_of(state)))
+            index = order.index(state.selected) if state.selected in order else NO_THUMBNAIL
+            gallery = gr.update(value=items, visible=bool(items), selected_index=index)
+        text = views.pass_progress(status)
+        return gallery, gr.update(value=text, visible=True), gr.Timer(active=status["running"]), status["mask_count"]
 
     def on_ask_delete(self, image_id, state):
         if not image_id:
@@ -173,7 +204,8 @@ class PageHandlers:
                     cancel=cancel,
                 )
             return self.show(state.previewing(points, preview), background)
-        found = self.studio.mask_at_point(state.image_id, x, y, owner)
+        # With a SAM engine, SAM's own masks at the point are stored first when nothing stored covers it yet.
+        found = self.studio.click_masks(state.image_id, x, y, owner)
         if found["mask_id"] is None:
             gr.Info(f"No mask covers pixel ({x}, {y}).", duration=3)
         tolerance = click_tolerance(loaded.row.width, dw)
@@ -181,7 +213,11 @@ class PageHandlers:
         return self.show(state, background)
 
     def on_gallery(self, state, color, opacity, background, evt: gr.SelectData):
-        return self.show(state.picked_thumbnail(evt.index, views.rgba_from_controls(color, opacity)), background)
+        colour = views.rgba_from_controls(color, opacity)
+        mask_id = views.caption_mask_id(evt.value)  # the thumbnails may be newer than the state's order
+        if mask_id is not None:
+            return self.show(state.picked_mask(mask_id, colour), background)
+        return self.show(state.picked_thumbnail(evt.index, colour), background)
 
     # ---- object mode ---------------------------------------------------------------------------
     def on_mode(self, state, mode_value, background):

@@ -122,16 +122,12 @@ class PageState:
     # ---- clicks ----------------------------------------------------------------------------------
     def clicked(self, point: tuple[int, int], candidates: Sequence[int], colour: Rgba, tolerance: float) -> PageState:
         """A click on the picture at `point` over `candidates` (smallest first): the smallest is selected and
-        painted; the same spot again (within `tolerance` pixels) steps to the next larger mask (part → whole)."""
+        painted; the same spot again (within `tolerance` pixels) steps to the next larger mask (part → whole),
+        also when masks were added under it meanwhile (a click's prompt, the automatic pass)."""
         cands = tuple(candidates)
         if not cands:
             return replace(self, click=(int(point[0]), int(point[1])), candidates=())
-        again = (
-            self.click is not None
-            and math.dist(self.click, point) <= tolerance
-            and self.candidates == cands
-            and self.selected in cands
-        )
+        again = self.click is not None and math.dist(self.click, point) <= tolerance and self.selected in cands
         if again:
             target = cands[(cands.index(self.selected) + 1) % len(cands)]
             painted = self.paint(target, colour, replace_mask=self.selected)
@@ -144,6 +140,12 @@ class PageState:
         if self.image_id is None or not 0 <= index < len(self.order):
             raise InvalidInput("Upload a photo first.")
         return replace(self.paint(self.order[index], colour), click=None, candidates=())
+
+    def picked_mask(self, mask_id: int, colour: Rgba) -> PageState:
+        """The thumbnail of mask `mask_id` was clicked (the gallery may be newer than `order`): select and paint it."""
+        if self.image_id is None:
+            raise InvalidInput("Upload a photo first.")
+        return replace(self.paint(mask_id, colour), click=None, candidates=())
 
     # ---- object mode -----------------------------------------------------------------------------
     def points_with(self, x: int, y: int, *, include: bool) -> tuple[Point, ...]:

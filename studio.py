@@ -2,23 +2,23 @@
 
 `Studio` is the one place endpoints call. It checks every input once at this edge and ties together
 what it is given: the segmenter, the database, the blob store, the image cache (image_cache.py), the
-quotas (quotas.py) and, when a bucket is configured, the S3 publisher (publish.py). COCO export is
-coco.py; the segmenter's health for the status line is health.py.
+quotas (quotas.py) and, when a bucket is configured, the S3 publisher (publish.py). Storing images and
+masks is ingest.py; the automatic passes that run after the page's upload (SAM engines) are mask_passes.py;
+COCO export is coco.py; the segmenter's health for the status line is health.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
-import secrets
 import threading
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 import coco
-import image_cache
-import imaging
 import masks as rle
 import render
 from access import (
@@ -26,43 +26,61 @@ from access import (
     LOCAL_OWNER,
     STORED_ID,
     Scope,
-    check_image_id,
     counted_as,
-    id_taken,
     meanings,
-    new_image_id,
     no_such_image,
     shown_image_id,
-    stored_image_id,
 )
-from errors import Conflict, InvalidInput, NotFound, SegmentationRejected
+from errors import InvalidInput, MaskStudioError, NotFound, SegmentationRejected
 from health import HealthMonitor
 from image_cache import ImageCache, Loaded
+from ingest import NO_OBJECT, Ingest, fraction
+from ingest import now as timestamp
+from mask_passes import MaskPasses
 from publish import MaskPublisher
-from quotas import Quotas, room_refusal
-from records import mask_rows
+from quotas import Quotas
 from s3_store import S3BlobStore
 from sam2_responses import answer_from_masks
 from segmenter import Progress, Segmenter
 from settings import Settings
-from storage import BlobStore, Database, ImageRow, MaskRow, OwnerFull
+from storage import BlobStore, Database, ImageRow, MaskRow
 from validation import check_mask_id, check_point, check_prompt
 
 log = logging.getLogger("mask_studio")
 
 MAX_LIST = 1000
-NO_OBJECT = "The segmenter found no object at those prompts."
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+def _silent(fraction: float, text: str) -> None:
+    pass
 
 
-def _fraction(progress: Progress | None, start: float, end: float) -> Progress | None:
-    """A progress callback that maps 0..1 onto start..end of the caller's bar."""
-    if progress is None:
-        return None
-    return lambda f, text: progress(start + (end - start) * max(0.0, min(1.0, f)), text)
+@runtime_checkable
+class SamEngine(Protocol):
+    """What a SAM-family engine in this process adds to the Segmenter interface (sam_engine.PromptModelSegmenter)."""
+
+    engine: str
+    prompts_natively: bool
+
+    def prepare(self, image: np.ndarray) -> None: ...
+
+    def generate(
+        self,
+        image: np.ndarray,
+        *,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        on_masks: Callable[[list[dict]], None] | None = None,
+    ) -> list[dict]: ...
+
+    def candidates(
+        self, image: np.ndarray, *, points: list[list[float]] | None = None, point_labels: list[int] | None = None
+    ) -> list[dict]: ...
+
+
+def streaming_engine(segmenter: Segmenter) -> SamEngine | None:
+    """The engine as a SAM model in this process (prompts on a cached embedding, masks streamed), or None."""
+    return segmenter if segmenter.prompts_natively and isinstance(segmenter, SamEngine) else None
 
 
 def _scope(owner: object) -> Scope:
@@ -99,6 +117,8 @@ class Studio:
         self.publisher = publisher
         self.cache = cache or ImageCache(db, blobs)
         self.quotas = quotas or Quotas(settings, db)
+        self.ingest = Ingest(settings, db, blobs, self.cache, self.quotas, publisher)
+        self.passes = MaskPasses()  # the automatic passes of the page's uploads with a SAM engine
         self._health = HealthMonitor(lambda: self.segmenter.health())
 
     @property
@@ -125,7 +145,7 @@ class Studio:
         """Raise LimitExceeded when the owner already stores MAX_IMAGES_PER_OWNER images."""
         self.quotas.check_room(owner, count)
 
-    # ---- ingest ----------------------------------------------------------------------------
+    # ---- ingest (ingest.py) --------------------------------------------------------------------
     def generate_and_store(
         self,
         data: bytes,
@@ -141,108 +161,78 @@ class Studio:
         `address` is the client's network address: segmentations are limited per owner and per address.
         `cancel`, set when the person has left, stops a segmentation still running (nothing is stored).
         """
-        say = progress or (lambda f, t: None)
+        say = progress or _silent
 
         def automatic(rgb: np.ndarray) -> list[dict]:
             h, w = rgb.shape[:2]
             say(0.05, f"Segmenting {w}×{h} with the {self.segmenter.engine}")
-            return self.segmenter.generate(rgb, progress=_fraction(progress, 0.05, 0.75), cancel=cancel)
+            return self.segmenter.generate(rgb, progress=fraction(progress, 0.05, 0.75), cancel=cancel)
 
-        return self._ingest(data, image_id, owner, address, automatic, say)
+        return self.ingest.ingest(data, image_id, owner, address, automatic, say, self.segmenter.engine)
 
-    def _new_id(self, image_id: str | None, owner: str) -> str:
-        """The stored id of a new image: the owner's own id (refused when it names one of their images, or
-        is stored already), or a generated one."""
-        if image_id is None or image_id == "":
-            return new_image_id()
-        wanted = check_image_id(image_id)
-        stored = stored_image_id(wanted, owner)  # each owner's ids are their own
-        if self.db.image_exists(stored) or any(self.db.image_exists(i, owner) for i in meanings(wanted, owner)):
-            raise id_taken(wanted)
-        return stored
-
-    def _ingest(
+    # ---- the page's upload and clicks with a SAM engine: the picture first, masks in the background ---
+    def upload(
         self,
         data: bytes,
-        image_id: str | None,
-        owner: str,
-        address: str | None,
-        records_for: Callable[[np.ndarray], list[dict]],
-        say: Progress,
-        empty: str | None = None,
+        *,
+        image_id: str | None = None,
+        owner: str = LOCAL_OWNER,
+        progress: Progress | None = None,
+        address: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict:
-        """The one ingest path: checks, segmentation, blob + one DB transaction, index, S3 uploads.
+        """The page's upload: generate_and_store's summary plus "pending". With a SAM engine in this process the
+        picture is stored with no masks, its embedding computed (clicks answer at once) and the automatic pass
+        queued in the background ("pending": True; see pass_status); with any other engine, generate_and_store."""
+        engine = streaming_engine(self.segmenter)
+        if engine is None:
+            summary = self.generate_and_store(
+                data, image_id=image_id, owner=owner, progress=progress, address=address, cancel=cancel
+            )
+            return {**summary, "pending": False}
+        say = progress or _silent
+        loaded, summary = self.ingest.store_image(data, image_id, owner, address, engine.engine, say)
+        say(0.9, "Encoding the picture for clicks")
+        try:
+            engine.prepare(loaded.rgb)
+        except MaskStudioError as exc:  # the picture is stored: the pass tries again and says why if it fails
+            log.warning("Could not encode image %s for clicks: %s", loaded.row.id, exc.message)
+        self.passes.start(loaded.row.id, functools.partial(self.ingest.store_pass, engine, loaded.row, loaded.rgb))
+        return {**summary, "pending": True}
 
-        `empty`: the refusal when the segmenter's masks are all empty (nothing is stored then)."""
-        self.check_room(owner)  # before segmenting: a full library must not cost a segmentation
-        image_id = self._new_id(image_id, owner)
-        say(0.02, "Reading the image")
-        rgb = imaging.load_image(
-            data, max_pixels=self.settings.max_image_pixels, max_bytes=self.settings.max_upload_bytes
-        )
-        h, w = rgb.shape[:2]
-        self.allow_segmentation(owner, address)  # counted when attempted, whatever the outcome
-        rows = self._mask_rows(image_id, records_for(rgb), (h, w))
-        if empty is not None and not rows:
-            raise SegmentationRejected(empty)
-        say(0.78, f"Storing {len(rows)} masks")
-        row = ImageRow(
-            id=image_id,
-            owner=owner,
-            width=w,
-            height=h,
-            created_at=_now(),
-            engine=self.segmenter.engine,
-            mask_count=len(rows),
-            blob_key=f"images/{image_id}-{secrets.token_hex(4)}.png",
-        )
-        self._store(row, rgb, rows)
-        say(0.82, "Indexing masks")
-        loaded = image_cache.build(row, rgb, rows)
-        self.cache.remember(loaded)
-        s3 = None
-        if self.publisher is not None:
-            say(0.85, f"Uploading {len(rows)} masks to S3")
-            s3 = self.publisher.publish_new(row.id, rgb, loaded.index, rows, _fraction(say, 0.85, 1.0))
-        say(1.0, "Done")
-        shown = shown_image_id(image_id, owner)
+    def pass_status(self, image_id: object, owner: Scope) -> dict | None:
+        """The image's automatic pass as its page shows it, or None when none ran since the process started:
+        {"running", "fraction", "stored", "error", "mask_count"}."""
+        row = self.find(image_id, owner)
+        state = self.passes.status(row.id)
+        if state is None:
+            return None
         return {
-            "message": f"Stored {len(rows)} masks for image {shown}.",
-            "image_id": shown,
-            "mask_count": len(rows),
-            "image_dimensions": {"width": w, "height": h},
-            "mask_ids": [m.mask_id for m in rows],
-            "mask_urls": (
-                self.publisher.mask_urls(image_id, [m.mask_id for m in rows])
-                if self.publisher is not None
-                else [None] * len(rows)
-            ),
-            "engine": row.engine,
-            "s3": s3,
+            "running": state.running,
+            "fraction": state.fraction,
+            "stored": state.stored,
+            "error": state.error,
+            "mask_count": row.mask_count,
         }
 
-    def _store(self, row: ImageRow, rgb: np.ndarray, rows: list[MaskRow]) -> None:
-        """The blob, then the rows in one transaction; a refused or failed insert takes the blob back."""
-        self.blobs.put(row.blob_key, imaging.encode_png(rgb), "image/png")
-        limit = self.settings.max_images_per_owner
+    def click_masks(self, image_id: object, x: object, y: object, owner: Scope) -> dict:
+        """mask_at_point for a click on the page. With a SAM engine in this process, when no stored mask covers
+        the point or the automatic pass is still running, SAM's whole / part / sub-part masks at the point are
+        stored first (a stored mask they repeat is reused). Free of the rate limits: a local model costs nothing."""
+        found = self.mask_at_point(image_id, x, y, owner)
+        engine = streaming_engine(self.segmenter)
+        if engine is None:
+            return found
+        loaded = self.load(image_id, owner)
+        if found["mask_id"] is not None and not self.passes.running(loaded.row.id):
+            return found
+        px, py = check_point(x, y, loaded.row.width, loaded.row.height)
         try:
-            self.db.insert_image(row, rows, max_per_owner=limit)
-        except OwnerFull as exc:
-            # Another upload of the same owner committed first: the quota is checked atomically there.
-            self.blobs.delete(row.blob_key)
-            raise room_refusal(exc.count, limit, self.settings.retention_days) from None
-        except Conflict:  # the same id, taken by a concurrent upload of the same owner
-            self.blobs.delete(row.blob_key)
-            raise id_taken(shown_image_id(row.id, row.owner)) from None
-        except BaseException:
-            self.blobs.delete(row.blob_key)
-            raise
-
-    def _mask_rows(self, image_id: str, records: list[dict], shape: tuple[int, int]) -> list[MaskRow]:
-        """The segmenter's records as rows numbered largest first (records.py); pending upload with S3."""
-        publisher = self.publisher
-        new_key = publisher.new_mask_key if publisher is not None else None
-        return mask_rows(image_id, records, shape, self.settings.max_masks, new_key)
+            records = engine.candidates(loaded.rgb, points=[[px, py]], point_labels=[1])
+        except SegmentationRejected:  # SAM sees nothing there: what is stored answers
+            return found
+        self.ingest.add_masks(loaded.row, records)
+        return self.mask_at_point(image_id, x, y, owner)
 
     # ---- loading -----------------------------------------------------------------------------
     def load(self, image_id: object, owner: Scope) -> Loaded:
@@ -364,7 +354,7 @@ class Studio:
         rows = [loaded.masks[mid] for mid in chosen]
         shown = shown_image_id(loaded.row.id, owner)
         urls = [self.mask_url(m) for m in rows]
-        return coco.export(loaded.row, shown, rows, urls, created=_now(), colors=colors)
+        return coco.export(loaded.row, shown, rows, urls, created=timestamp(), colors=colors)
 
     # ---- deleting ----------------------------------------------------------------------------
     def delete(self, image_id: object, owner: Scope) -> dict:
@@ -378,7 +368,9 @@ class Studio:
         # after it leaves only an orphaned blob, which cleanup_orphans removes at the next start, and
         # recorded keys, which the next retry or retention sweep deletes (as when S3 is unreachable now).
         # The other order could leave a listed image whose pixels are gone.
-        s3_keys = self.db.delete_image(row.id)
+        self.passes.stop(row.id)  # its pass stores nothing more
+        with self.ingest.adding:  # not while a click or the pass is adding a mask to it
+            s3_keys = self.db.delete_image(row.id)
         self.cache.forget(row.id)
         self.blobs.delete(row.blob_key)
         if self.publisher is not None and s3_now:
@@ -423,7 +415,8 @@ class Studio:
                 return [self.segmenter.segment(rgb, points=pts, point_labels=labels, box=bx, cancel=cancel)]
 
             new_owner = counted_as(_scope(owner))
-            out = self._ingest(data, image_id, new_owner, address, prompted, lambda f, t: None, empty=NO_OBJECT)
+            engine = self.segmenter.engine
+            out = self.ingest.ingest(data, image_id, new_owner, address, prompted, _silent, engine, empty=NO_OBJECT)
             return {
                 "image_id": out["image_id"],
                 "mask_id": out["mask_ids"][0],
@@ -458,44 +451,12 @@ class Studio:
         (cog, replicate), picked among the masks it already made for this image: no second paid call."""
         if self.segmenter.prompts_natively or loaded.row.engine != self.segmenter.engine:
             return self.segmenter.segment(loaded.rgb, points=points, point_labels=labels, box=box, cancel=cancel)
-        h, w = loaded.row.height, loaded.row.width
-        stored = [
-            {
-                "segmentation": {"size": [h, w], "counts": m.counts},
-                "area": m.area,
-                "bbox": m.bbox,
-                "predicted_iou": m.predicted_iou,
-                "stability_score": m.stability_score,
-            }
-            for m in loaded.masks.values()
-        ]
-        return answer_from_masks(stored, points, labels, box, self.segmenter.engine)
+        return answer_from_masks(_stored_records(loaded), points, labels, box, self.segmenter.engine)
 
     def add_object_mask(self, loaded: Loaded, record: dict, owner: Scope = EVERYONE) -> dict:
         """Store one more mask (from a prompt) with an image; S3 upload when configured. `owner`: who is
         told (by their own image id; EVERYONE: the stored id)."""
-        r = loaded.row
-        shown = shown_image_id(r.id, owner)
-        rows = self._mask_rows(r.id, [record], (r.height, r.width))
-        if not rows:
-            raise SegmentationRejected(NO_OBJECT)
-        same = next((m for m in loaded.masks.values() if m.counts == rows[0].counts), None)
-        if same is not None:  # already one of this image's masks (e.g. picked from the hierarchy): no copy
-            s3 = None if self.publisher is None else {"uploaded": 0, "failed": 0}
-            return {
-                "image_id": shown,
-                "mask_id": same.mask_id,
-                "mask_url": self.mask_url(same),
-                "s3": s3,
-                "existing": True,
-            }
-        m = self.db.add_mask(rows[0])
-        self.cache.forget(r.id)
-        s3 = None
-        if self.publisher is not None:
-            s3 = self.publisher.summary(self.publisher.upload_masks(r.id, self.load(r.id, EVERYONE).index, [m]))
-            m = self.load(r.id, EVERYONE).masks[m.mask_id]
-        return {"image_id": shown, "mask_id": m.mask_id, "mask_url": self.mask_url(m), "s3": s3, "existing": False}
+        return self.ingest.add_object_mask(loaded, record, shown_image_id(loaded.row.id, owner))
 
     # ---- health of the segmenter (health.py), never blocking a page -----------------------------
     def health(self, max_age_s: float = 30.0) -> tuple[bool, str]:
@@ -526,15 +487,22 @@ class Studio:
 
     def cleanup_orphans(self) -> int:
         """Remove blobs no image refers to (left by a crash between blob write and commit)."""
-        known = self.db.blob_keys()
-        removed = 0
-        for key in list(self.blobs.keys()):
-            if key.startswith("images/") and key not in known:
-                self.blobs.delete(key)
-                removed += 1
-        if removed:
-            log.info("Removed %d orphaned blob(s) left by an interrupted ingest or delete.", removed)
-        return removed
+        return self.ingest.cleanup_orphans()
+
+
+def _stored_records(loaded: Loaded) -> list[dict]:
+    """An image's stored masks as the segmenter's records."""
+    h, w = loaded.row.height, loaded.row.width
+    return [
+        {
+            "segmentation": {"size": [h, w], "counts": m.counts},
+            "area": m.area,
+            "bbox": m.bbox,
+            "predicted_iou": m.predicted_iou,
+            "stability_score": m.stability_score,
+        }
+        for m in loaded.masks.values()
+    ]
 
 
 def _id_range(loaded: Loaded) -> str:

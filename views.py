@@ -116,7 +116,28 @@ def delete_question(image_id: str, mask_count: int) -> str:
 
 
 def upload_notice(summary: dict) -> str:
+    if summary.get("pending"):
+        return f"Ready: click the picture. The {summary['engine']} is finding its masks meanwhile."
     return f"{summary['mask_count']} masks from the {summary['engine']}."
+
+
+def pass_progress(status: dict | None) -> str:
+    """The line over the gallery while the automatic pass of the open image runs, and how it ended."""
+    if status is None:
+        return ""
+    if status["error"]:
+        return f"⚠️ Finding masks failed: {status['error']} The picture still works: click it to make masks."
+    if status["running"]:
+        return f"Finding masks… {status['mask_count']} so far ({100 * status['fraction']:.0f} %)"
+    return f"Found all masks: {status['mask_count']} in all."
+
+
+def caption_mask_id(value: object) -> int | None:
+    """The mask id in a gallery thumbnail's caption ("#12"), or None."""
+    caption = value.get("caption") if isinstance(value, dict) else None
+    if isinstance(caption, str) and caption.startswith("#") and caption[1:].isdigit():
+        return int(caption[1:])
+    return None
 
 
 def kept_notice(added: dict) -> str:

@@ -33,4 +33,5 @@ def running_app(data_dir: Path, segmenter=None, **overrides):
         yield url, studio, settings
     finally:
         demo.close()
+        studio.passes.close()
         studio.segmenter.close()

@@ -111,6 +111,21 @@ def test_a_click_selects_the_smallest_mask_and_the_same_spot_again_the_next_larg
     assert state.selected == WINDOW and state.painted == [WINDOW]
 
 
+def test_the_same_spot_steps_up_also_when_masks_were_added_under_it_meanwhile():
+    state = page().clicked((192, 300), (WINDOW, HOUSE), RED, tolerance=6.4)
+    grown = (WINDOW, HOUSE, LOWER)  # the automatic pass stored the lower half since the first click
+    state = state.clicked((192, 300), grown, RED, tolerance=6.4)
+    assert state.selected == HOUSE and state.candidates == grown
+    assert state.clicked((192, 300), grown, RED, tolerance=6.4).selected == LOWER
+
+
+def test_a_thumbnail_picked_by_its_mask_id_is_selected_and_painted():
+    state = page().picked_mask(SUN, RED)
+    assert state.selected == SUN and state.painted == [SUN] and state.click is None
+    with pytest.raises(InvalidInput, match="Upload a photo first"):
+        PageState(owner="local").picked_mask(0, RED)
+
+
 def test_a_click_elsewhere_starts_from_the_smallest_again_and_keeps_other_paint():
     state = page().clicked((192, 300), UNDER_WINDOW, RED, tolerance=6.4)
     state = state.clicked((288, 408), (HOUSE, LOWER), BLUE, tolerance=6.4)

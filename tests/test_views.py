@@ -110,3 +110,33 @@ def test_notices():
     assert views.s3_warning({"failed": 2, "error": "timeout"}, 4).startswith(
         "2 of 4 masks could not be uploaded to S3 (timeout). They are kept here"
     )
+
+
+def test_the_pass_progress_line_says_how_far_and_how_it_ended():
+    running = {"running": True, "fraction": 0.42, "stored": 30, "error": None, "mask_count": 37}
+    assert views.pass_progress(running) == "Finding masks… 37 so far (42 %)"
+    assert views.pass_progress({**running, "running": False}) == "Found all masks: 37 in all."
+    failed = {**running, "running": False, "error": "The model ran out of memory."}
+    assert views.pass_progress(failed) == (
+        "⚠️ Finding masks failed: The model ran out of memory. The picture still works: click it to make masks."
+    )
+    assert views.pass_progress(None) == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [({"image": {}, "caption": "#12"}, 12), ({"caption": "12"}, None), ({"caption": "#x"}, None), (None, None)],
+)
+def test_a_thumbnail_caption_names_its_mask(value, expected):
+    assert views.caption_mask_id(value) == expected
+
+
+def test_the_upload_notice_says_the_picture_is_ready_while_masks_are_found():
+    summary = {"mask_count": 0, "engine": "MobileSAM (in-process, CPU)", "pending": True}
+    assert views.upload_notice(summary) == (
+        "Ready: click the picture. The MobileSAM (in-process, CPU) is finding its masks meanwhile."
+    )
+    assert (
+        views.upload_notice({**summary, "mask_count": 5, "pending": False})
+        == "5 masks from the MobileSAM (in-process, CPU)."
+    )
