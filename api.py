@@ -16,7 +16,7 @@ import imaging
 from access import Access, Caller
 from errors import InvalidInput
 from studio import Studio
-from web_io import Outputs, cancel_on_leave, client_address, upload_bytes
+from web_io import Outputs, cancel_on_leave, client_address, upload_bytes, upload_name
 
 # The endpoints that segment share one concurrency group with the page's uploads (a few at a time).
 HEAVY = ("generate_and_store_masks", "segment")
@@ -64,7 +64,12 @@ class Endpoints:
             data = imaging.decode_base64(original_image_b64)
         with cancel_on_leave(self.demo, request) as cancel:  # the client cancelled or went away: stop segmenting
             return self.studio.generate_and_store(
-                data, image_id=image_id, owner=caller.owner, address=client_address(request), cancel=cancel
+                data,
+                image_id=image_id,
+                owner=caller.owner,
+                address=client_address(request),
+                cancel=cancel,
+                name=upload_name(image),
             )
 
     def render_masks(

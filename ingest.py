@@ -101,6 +101,7 @@ class Ingest:
         say: Progress,
         engine: str,
         empty: str | None = None,
+        name: str | None = None,
     ) -> dict:
         """The whole ingest at once: checks, segmentation, blob + one DB transaction, index, S3 uploads.
 
@@ -110,15 +111,22 @@ class Ingest:
         rows = self.mask_rows(image_id, records_for(rgb), (h, w))
         if empty is not None and not rows:
             raise SegmentationRejected(empty)
-        return self._commit(image_id, owner, rgb, rows, engine, say)[1]
+        return self._commit(image_id, owner, rgb, rows, engine, say, name)[1]
 
     def store_image(
-        self, data: bytes, image_id: str | None, owner: str, address: str | None, engine: str, say: Progress
+        self,
+        data: bytes,
+        image_id: str | None,
+        owner: str,
+        address: str | None,
+        engine: str,
+        say: Progress,
+        name: str | None = None,
     ) -> tuple[Loaded, dict]:
         """The picture stored with no masks yet (they follow through `add_masks`): its cache entry and summary.
         The automatic pass that will follow is counted as a segmentation now."""
         image_id, rgb = self._admit(data, image_id, owner, address, say)
-        return self._commit(image_id, owner, rgb, [], engine, say)
+        return self._commit(image_id, owner, rgb, [], engine, say, name)
 
     def _admit(
         self, data: bytes, image_id: str | None, owner: str, address: str | None, say: Progress
@@ -134,7 +142,14 @@ class Ingest:
         return image_id, rgb
 
     def _commit(
-        self, image_id: str, owner: str, rgb: np.ndarray, rows: list[MaskRow], engine: str, say: Progress
+        self,
+        image_id: str,
+        owner: str,
+        rgb: np.ndarray,
+        rows: list[MaskRow],
+        engine: str,
+        say: Progress,
+        name: str | None = None,
     ) -> tuple[Loaded, dict]:
         h, w = rgb.shape[:2]
         say(0.78, f"Storing {len(rows)} masks")
@@ -147,6 +162,7 @@ class Ingest:
             engine=engine,
             mask_count=len(rows),
             blob_key=f"images/{image_id}-{secrets.token_hex(4)}.png",
+            name=name,
         )
         self._store(row, rgb, rows)
         say(0.82, "Indexing masks")

@@ -20,7 +20,7 @@ from access import Access, is_browser_key
 from errors import InvalidInput, NotFound, Unauthorized
 from page_state import PageState, click_tolerance
 from studio import Studio
-from web_io import Outputs, cancel_on_leave, client_address, upload_bytes
+from web_io import Outputs, cancel_on_leave, client_address, upload_bytes, upload_name
 
 MODE_SELECT, MODE_INCLUDE, MODE_EXCLUDE = "Select masks", "Add object: include", "Add object: exclude"
 NO_IMAGE = "Upload a photo first."
@@ -124,6 +124,7 @@ class PageHandlers:
                 progress=lambda fraction, text: progress(fraction, desc=text),
                 address=client_address(request),
                 cancel=cancel,
+                name=upload_name(file),
             )
         state = state.opened(summary["image_id"])
         gr.Info(views.upload_notice(summary), duration=4)

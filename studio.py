@@ -155,6 +155,7 @@ class Studio:
         progress: Progress | None = None,
         address: str | None = None,
         cancel: threading.Event | None = None,
+        name: str | None = None,
     ) -> dict:
         """Decode, segment, store (one transaction) and index an image; returns the API summary.
 
@@ -168,7 +169,7 @@ class Studio:
             say(0.05, f"Segmenting {w}×{h} with the {self.segmenter.engine}")
             return self.segmenter.generate(rgb, progress=fraction(progress, 0.05, 0.75), cancel=cancel)
 
-        return self.ingest.ingest(data, image_id, owner, address, automatic, say, self.segmenter.engine)
+        return self.ingest.ingest(data, image_id, owner, address, automatic, say, self.segmenter.engine, name=name)
 
     # ---- the page's upload and clicks with a SAM engine: the picture first, masks in the background ---
     def upload(
@@ -180,6 +181,7 @@ class Studio:
         progress: Progress | None = None,
         address: str | None = None,
         cancel: threading.Event | None = None,
+        name: str | None = None,
     ) -> dict:
         """The page's upload: generate_and_store's summary plus "pending". With a SAM engine in this process the
         picture is stored with no masks, its embedding computed (clicks answer at once) and the automatic pass
@@ -187,11 +189,11 @@ class Studio:
         engine = streaming_engine(self.segmenter)
         if engine is None:
             summary = self.generate_and_store(
-                data, image_id=image_id, owner=owner, progress=progress, address=address, cancel=cancel
+                data, image_id=image_id, owner=owner, progress=progress, address=address, cancel=cancel, name=name
             )
             return {**summary, "pending": False}
         say = progress or _silent
-        loaded, summary = self.ingest.store_image(data, image_id, owner, address, engine.engine, say)
+        loaded, summary = self.ingest.store_image(data, image_id, owner, address, engine.engine, say, name)
         say(0.9, "Encoding the picture for clicks")
         try:
             engine.prepare(loaded.rgb)

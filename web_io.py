@@ -53,6 +53,17 @@ def client_address(request: gr.Request | None) -> str | None:
     return getattr(client, "host", None) or None
 
 
+def upload_name(image: Any) -> str | None:
+    """The uploaded file's own name (what the person called it), for the library; None when unknown."""
+    if image is None:
+        return None
+    name = image.get("orig_name") if isinstance(image, dict) else getattr(image, "orig_name", None)
+    if not name:
+        path = image.get("path") if isinstance(image, dict) else getattr(image, "path", image)
+        name = Path(str(path)).name if isinstance(path, (str, Path)) else None
+    return str(name)[:200] if name else None
+
+
 def upload_bytes(image: Any) -> bytes | None:
     """A file parameter as gr.api delivers it (a path, or a FileData-like dict) → bytes."""
     if image is None:

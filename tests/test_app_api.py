@@ -203,6 +203,7 @@ def test_list_is_newest_first_with_every_field(client, house, house_photo):
     listed = client.predict(api_name="/list_images")
     assert [i["image_id"] for i in listed][:2] == ids[::-1]
     assert set(listed[0]) == {"image_id", "width", "height", "created_at", "mask_count", "name"}
+    assert listed[0]["name"] == "house.png"  # the uploaded file's own name, for the library
     info = client.predict("zz-uploaded-first", api_name="/image_info")
     assert info["engine"] == "fixed test segmenter" and info["created_at"] == listed[1]["created_at"]
     hit = client.predict("zz-uploaded-first", 38, 60, api_name="/mask_at_point")
