@@ -14,7 +14,6 @@ import logging
 import secrets
 import threading
 from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 
@@ -29,7 +28,7 @@ from publish import MaskPublisher
 from quotas import Quotas, room_refusal
 from records import mask_rows
 from sam_engine import check_cancel
-from segmenter import Progress
+from segmenter import Progress, SamEngine
 from settings import Settings
 from storage import BlobStore, Database, ImageRow, MaskRow, OwnerFull
 
@@ -48,19 +47,6 @@ def fraction(progress: Progress | None, start: float, end: float) -> Progress | 
     if progress is None:
         return None
     return lambda f, text: progress(start + (end - start) * max(0.0, min(1.0, f)), text)
-
-
-class StreamingEngine(Protocol):
-    """An engine whose automatic pass hands over masks as it finds them (sam_engine.PromptModelSegmenter)."""
-
-    def generate(
-        self,
-        image: np.ndarray,
-        *,
-        progress: Progress | None = None,
-        cancel: threading.Event | None = None,
-        on_masks: Callable[[list[dict]], None] | None = None,
-    ) -> list[dict]: ...
 
 
 class Ingest:
@@ -270,7 +256,7 @@ class Ingest:
             m = self.cache.load(self.db.get_image(r.id)).masks[m.mask_id]
         return {"image_id": shown, "mask_id": m.mask_id, "mask_url": self._url(m), "s3": s3, "existing": False}
 
-    def store_pass(self, engine: StreamingEngine, row: ImageRow, rgb: np.ndarray, state: PassState) -> None:
+    def store_pass(self, engine: SamEngine, row: ImageRow, rgb: np.ndarray, state: PassState) -> None:
         """A background pass (mask_passes) over a stored image: masks stored as they are found, at most
         MAX_MASKS in all, none repeating a stored one; nothing more once the pass is stopped."""
         streamed = False

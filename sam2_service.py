@@ -53,7 +53,7 @@ from errors import (
     SegmentationUnavailable,
     StorageError,
 )
-from settings import Settings, host_port
+from settings import Settings, env_number, host_port
 
 log = logging.getLogger("mask_studio.sam2_service")
 
@@ -78,23 +78,14 @@ class ServiceOptions:
         token = (env.get("SAM_SERVICE_TOKEN") or "").strip() or None
         return cls(
             token=token,
-            concurrency=_positive(env, "SAM_SERVICE_CONCURRENCY", int, cls.concurrency, 1),
-            queue=_positive(env, "SAM_SERVICE_QUEUE", int, cls.queue, 0),
-            timeout=_positive(env, "SAM_SERVICE_TIMEOUT", float, cls.timeout, 0.001),
+            concurrency=_or(env_number(env, int, ("SAM_SERVICE_CONCURRENCY",), 1), cls.concurrency),
+            queue=_or(env_number(env, int, ("SAM_SERVICE_QUEUE",), 0), cls.queue),
+            timeout=_or(env_number(env, float, ("SAM_SERVICE_TIMEOUT",), 0.001), cls.timeout),
         )
 
 
-def _positive(env: Mapping[str, str], name: str, kind: type, default: Any, minimum: float) -> Any:
-    raw = (env.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be a number, got {raw!r}.", title="Configuration error") from None
-    if value < minimum:
-        raise InvalidInput(f"{name} must be at least {minimum:g}, got {raw!r}.", title="Configuration error")
-    return value
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 # ---------------------------------------------------------------------------------------------------------

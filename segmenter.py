@@ -83,9 +83,39 @@ class Segmenter(Protocol):
         ...
 
 
+@runtime_checkable
+class SamEngine(Protocol):
+    """What a SAM-family engine in this process adds to the Segmenter interface (sam_engine.PromptModelSegmenter):
+    masks handed over as the automatic pass finds them, and the decoder's candidates for one click."""
+
+    engine: str
+    prompts_natively: bool
+
+    def prepare(self, image: np.ndarray) -> None: ...
+
+    def generate(
+        self,
+        image: np.ndarray,
+        *,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        on_masks: Callable[[list[dict]], None] | None = None,
+    ) -> list[dict]: ...
+
+    def candidates(
+        self, image: np.ndarray, *, points: list[list[float]] | None = None, point_labels: list[int] | None = None
+    ) -> list[dict]: ...
+
+
+def streaming_engine(segmenter: Segmenter) -> SamEngine | None:
+    """The engine as a SAM model in this process (prompts on a cached embedding, masks streamed), or None."""
+    return segmenter if segmenter.prompts_natively and isinstance(segmenter, SamEngine) else None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The factory. Each loader builds one engine or raises: SegmentationUnavailable (message = why it cannot run
 # here) or ImportError (its runtime is not installed).
+
 
 Loader = Callable[[Settings], Segmenter]
 BUILTIN_NAME = "the built-in classical segmenter"

@@ -132,7 +132,8 @@ def _get(env: Mapping[str, str], *names: str) -> str | None:
     return None
 
 
-def _number(env: Mapping[str, str], kind, names: tuple[str, ...], minimum: float = 0):
+def env_number(env: Mapping[str, str], kind, names: tuple[str, ...], minimum: float = 0):
+    """The first of these variables that is set, as `kind` (int or float) at least `minimum`; None when unset."""
     raw = _get(env, *names)
     if raw is None:
         return None
@@ -186,11 +187,11 @@ def _space_default(env: Mapping[str, str], value, on_space):
 def _parse(env: Mapping[str, str]) -> dict:
     out: dict = {
         "host": _get(env, "HOST", "GRADIO_SERVER_NAME"),
-        "port": _number(env, int, ("PORT", "GRADIO_SERVER_PORT"), 1),
+        "port": env_number(env, int, ("PORT", "GRADIO_SERVER_PORT"), 1),
         "data_dir": Path(p) if (p := _get(env, "DATA_DIR")) else None,
-        "max_image_pixels": _number(env, int, ("MAX_IMAGE_PIXELS",), 1),
-        "max_upload_mb": _number(env, int, ("MAX_UPLOAD_MB",), 1),
-        "max_masks": _number(env, int, ("MAX_MASKS",), 1),
+        "max_image_pixels": env_number(env, int, ("MAX_IMAGE_PIXELS",), 1),
+        "max_upload_mb": env_number(env, int, ("MAX_UPLOAD_MB",), 1),
+        "max_masks": env_number(env, int, ("MAX_MASKS",), 1),
         "segmenter": _choice(env, "SEGMENTER", SEGMENTER_CHOICES),
         "mobilesam_checkpoint": Path(p) if (p := _get(env, "MOBILESAM_CHECKPOINT")) else None,
         "models_folder": Path(p) if (p := _get(env, "MODELS_DIR")) else None,
@@ -198,11 +199,11 @@ def _parse(env: Mapping[str, str]) -> dict:
         "sam2_device": _choice(env, "SAM2_DEVICE", ("cuda", "mps", "cpu")),
         "sam_api_url": (u.rstrip("/") if (u := _get(env, "SAM_API_URL")) else None),
         "sam_api_token": _get(env, "SAM_API_TOKEN"),
-        "sam_api_timeout": _number(env, float, ("SAM_API_TIMEOUT",), 0.001),
+        "sam_api_timeout": env_number(env, float, ("SAM_API_TIMEOUT",), 0.001),
         "sam_api_segment_path": _get(env, "SAM_API_SEGMENT_PATH"),
         "sam_api_protocol": _choice(env, "SAM_API_PROTOCOL", ("mask-studio", "cog", "replicate")),
-        "sam_max_side": _number(env, int, ("SAM_MAX_SIDE",), 16),
-        "sam_api_retries": _number(env, int, ("SAM_API_RETRIES",), 0),
+        "sam_max_side": env_number(env, int, ("SAM_MAX_SIDE",), 16),
+        "sam_api_retries": env_number(env, int, ("SAM_API_RETRIES",), 0),
         "sam_mask_url_hosts": tuple(
             h.strip().lower() for h in (_get(env, "SAM_MASK_URL_HOSTS") or "").split(",") if h.strip()
         )
@@ -213,7 +214,7 @@ def _parse(env: Mapping[str, str]) -> dict:
         "s3_prefix": _get(env, "S3_PREFIX"),
         "s3_url_mode": _choice(env, "S3_URL_MODE", ("public", "presigned")),
         "s3_public_base_url": (u.rstrip("/") if (u := _get(env, "S3_PUBLIC_BASE_URL")) else None),
-        "s3_presign_seconds": _number(env, int, ("S3_PRESIGN_SECONDS",), 1),
+        "s3_presign_seconds": env_number(env, int, ("S3_PRESIGN_SECONDS",), 1),
         "s3_object_acl": _get(env, "S3_OBJECT_ACL"),
         "s3_upload_originals": _bool(_get(env, "S3_UPLOAD_ORIGINALS")),
         # Off a Space the default is open (one owner); on a public Space, per-owner data by default.
@@ -221,9 +222,9 @@ def _parse(env: Mapping[str, str]) -> dict:
         "app_api_keys": _api_keys(_get(env, "APP_API_KEYS")) or None,
         "admin_api_key": _get(env, "ADMIN_API_KEY"),
         # A public Space limits stored images unless told otherwise (0 turns it off there too).
-        "segment_rate_limit": _number(env, int, ("SEGMENT_RATE_LIMIT",), 0),
-        "max_images_per_owner": _space_default(env, _number(env, int, ("MAX_IMAGES_PER_OWNER",), 0), SPACE_IMAGES),
-        "retention_days": _number(env, float, ("RETENTION_DAYS",), 0),
+        "segment_rate_limit": env_number(env, int, ("SEGMENT_RATE_LIMIT",), 0),
+        "max_images_per_owner": _space_default(env, env_number(env, int, ("MAX_IMAGES_PER_OWNER",), 0), SPACE_IMAGES),
+        "retention_days": env_number(env, float, ("RETENTION_DAYS",), 0),
         # HF_LOGIN as set wins (false turns the button off on a Space too); unset: on by itself on a Space.
         "hf_login": _space_default(env, _bool(_get(env, "HF_LOGIN")), True),
         "cors_origins": parse_cors_origins(_get(env, "CORS_ORIGINS")) or None,

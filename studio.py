@@ -13,8 +13,6 @@ import datetime as dt
 import functools
 import logging
 import threading
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -41,7 +39,7 @@ from publish import MaskPublisher
 from quotas import Quotas
 from s3_store import S3BlobStore
 from sam2_responses import answer_from_masks
-from segmenter import Progress, Segmenter
+from segmenter import Progress, Segmenter, streaming_engine
 from settings import Settings
 from storage import BlobStore, Database, ImageRow, MaskRow
 from validation import check_mask_id, check_point, check_prompt
@@ -53,34 +51,6 @@ MAX_LIST = 1000
 
 def _silent(fraction: float, text: str) -> None:
     pass
-
-
-@runtime_checkable
-class SamEngine(Protocol):
-    """What a SAM-family engine in this process adds to the Segmenter interface (sam_engine.PromptModelSegmenter)."""
-
-    engine: str
-    prompts_natively: bool
-
-    def prepare(self, image: np.ndarray) -> None: ...
-
-    def generate(
-        self,
-        image: np.ndarray,
-        *,
-        progress: Progress | None = None,
-        cancel: threading.Event | None = None,
-        on_masks: Callable[[list[dict]], None] | None = None,
-    ) -> list[dict]: ...
-
-    def candidates(
-        self, image: np.ndarray, *, points: list[list[float]] | None = None, point_labels: list[int] | None = None
-    ) -> list[dict]: ...
-
-
-def streaming_engine(segmenter: Segmenter) -> SamEngine | None:
-    """The engine as a SAM model in this process (prompts on a cached embedding, masks streamed), or None."""
-    return segmenter if segmenter.prompts_natively and isinstance(segmenter, SamEngine) else None
 
 
 def _scope(owner: object) -> Scope:

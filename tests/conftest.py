@@ -23,3 +23,15 @@ def house_photo(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("in") / "house.png"
     path.write_bytes(encode(make_photo(96, 128)))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for a browser test module (tests/chromium.py: skipped off CI without it)."""
+    from chromium import launch, require_browser
+
+    sync_api = require_browser()
+    with sync_api.sync_playwright() as p:
+        b = launch(p)
+        yield b
+        b.close()

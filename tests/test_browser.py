@@ -19,7 +19,6 @@ from PIL import Image
 
 from access import EVERYONE
 from app_server import running_app
-from chromium import launch, require_browser
 from helpers import RecordsSegmenter, encode, house_masks, make_photo
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
@@ -35,15 +34,6 @@ TIMEOUT_MS = 20_000
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = require_browser()
-    with sync_api.sync_playwright() as p:
-        b = launch(p)
-        yield b
-        b.close()
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     with running_app(tmp_path_factory.mktemp("data"), RecordsSegmenter(house_masks)) as (url, studio, _):

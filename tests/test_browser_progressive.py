@@ -15,7 +15,6 @@ from skimage import data
 
 import model_weights
 from app_server import running_app
-from chromium import launch, require_browser
 from helpers import encode
 from mobilesam_engine import MobileSamSegmenter
 from test_browser import DESKTOP, Shots, click_pixel, selection, upload
@@ -23,15 +22,6 @@ from test_browser import DESKTOP, Shots, click_pixel, selection, upload
 ROOT = Path(__file__).resolve().parent.parent
 FACE = (215, 130)  # the astronaut's cheek
 SLOW_MS = 600_000  # a pass on a busy 2-core box; only a hang reaches it
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = require_browser()
-    with sync_api.sync_playwright() as p:
-        b = launch(p)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
