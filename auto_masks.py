@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -117,12 +118,24 @@ class _Candidate:
     point: tuple[float, float]
 
 
+class SamModel(Protocol):
+    """The low-level calls of a SAM-family model this pass uses (sam_engine's module docstring)."""
+
+    def decode(
+        self, emb: Any, points: np.ndarray | None, labels: np.ndarray | None, boxes: np.ndarray | None, multimask: bool
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def to_full(self, emb: Any, low_res_logits: np.ndarray) -> np.ndarray: ...
+
+    def low_res_frame(self, emb: Any) -> tuple[int, int, float, float]: ...
+
+
 @dataclass
 class _Pass:
     """State of one automatic pass: accepted low-res masks and what is already covered."""
 
-    model: object
-    emb: object
+    model: SamModel
+    emb: Any
     h: int
     w: int
     max_masks: int
@@ -135,7 +148,7 @@ class _Pass:
 
     def __post_init__(self) -> None:
         # the model says where the image lies in its logits (MobileSAM pads to a square, SAM 2 squashes)
-        self.lh, self.lw, self.x_scale, self.y_scale = self.model.low_res_frame(self.emb)  # type: ignore[attr-defined]
+        self.lh, self.lw, self.x_scale, self.y_scale = self.model.low_res_frame(self.emb)
         self.cover = np.full((self.lh, self.lw), np.inf, np.float32)  # smallest accepted area covering each pixel
         self.min_area = MIN_AREA_FRACTION * self.lh * self.lw
 
@@ -174,7 +187,7 @@ class _Pass:
             cand = _Candidate(
                 whole[k].copy(),
                 mask,
-                tuple(int(v) for v in box),
+                (int(box[0]), int(box[1]), int(box[2]), int(box[3])),
                 area,
                 float(scores[k]),
                 float(stab[i]),
@@ -258,18 +271,20 @@ def upsampled_stability(low: np.ndarray, offset: float = 1.0, factor: int = 4) -
     rows, cols = np.flatnonzero(outer.any(axis=1)), np.flatnonzero(outer.any(axis=0))
     if rows.size == 0:
         return 0.0
-    r0, r1 = max(0, rows[0] - 1), min(low.shape[0], rows[-1] + 2)
-    c0, c1 = max(0, cols[0] - 1), min(low.shape[1], cols[-1] + 2)
+    r0, r1 = max(0, int(rows[0]) - 1), min(low.shape[0], int(rows[-1]) + 2)
+    c0, c1 = max(0, int(cols[0]) - 1), min(low.shape[1], int(cols[-1]) + 2)
     crop = np.ascontiguousarray(low[r0:r1, c0:c1], np.float32)
     up = cv2.resize(crop, (crop.shape[1] * factor, crop.shape[0] * factor), interpolation=cv2.INTER_LINEAR)
-    return float(np.count_nonzero(up > offset) / max(1, np.count_nonzero(up > -offset)))
+    inner, outer_count = int(np.count_nonzero(up > offset)), int(np.count_nonzero(up > -offset))
+    return inner / max(1, outer_count)
 
 
 def boxes_of(masks: np.ndarray) -> np.ndarray:
     """[N,4] int boxes (x0, y0, x1, y1), the last row/column inclusive as SAM does; zeros for an empty mask."""
     masks = np.asarray(masks, bool)
     out = np.zeros((len(masks), 4), np.int64)
-    rows, cols = masks.any(axis=2), masks.any(axis=1)
+    rows = np.asarray(masks.any(axis=2))
+    cols = np.asarray(masks.any(axis=1))
     for i in range(len(masks)):
         r, c = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
         if r.size:
