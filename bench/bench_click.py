@@ -89,7 +89,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-click-"))
     photo = tmp / "photo2048.jpg"
     photo_2048(photo)
-    settings = Settings(host="127.0.0.1", port=free_port(), data_dir=tmp / "data")
+    settings = Settings(host="127.0.0.1", port=free_port(), data_dir=tmp / "data", segmenter="builtin")
     studio = app.create_studio(settings)
     demo, (_, url, _) = app.launch(settings, studio, prevent_thread_lock=True, quiet=True)
     times = []
