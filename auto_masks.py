@@ -25,17 +25,14 @@ The result depends only on the image (fixed order everywhere, no time budget): i
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 import masks as rle
-from errors import InvalidInput, SegmentationCancelled
-
-Progress = Callable[[float, str], None]
-OnMasks = Callable[[list[dict]], None]
+from errors import InvalidInput
+from segmenter import OnMasks, Progress, check_cancel, no_progress
 
 PRED_IOU = 0.86  # a little under SAM's 0.88: SAM's grid may hit the same thing from a better-rated point
 STABILITY = 0.90  # SAM keeps ≥ 0.95, but another prompt on the same thing may give a sharper mask than ours did
@@ -74,14 +71,14 @@ def generate(
         raise InvalidInput(f"Expected an RGB image of shape (H, W, 3), got {image.shape}.")
     if max_masks < 1:
         raise InvalidInput(f"max_masks must be at least 1, got {max_masks}.")
-    report = progress or _no_progress
+    report = progress or no_progress
     state = _Pass(model, emb, image.shape[0], image.shape[1], max_masks, pred_iou, stability)
     stages = region_points(image, SCALES, WORK_SIDE)
     records: list[dict] = []
     for stage in stages:
         pending = list(stage)
         while pending and state.prompts < PROMPT_BUDGET and len(state.accepted) < max_masks:
-            _check(cancel)
+            check_cancel(cancel)
             batch: list[tuple[float, float]] = []
             while pending and len(batch) < min(BATCH, PROMPT_BUDGET - state.prompts):
                 x, y, area = pending.pop(0)
@@ -96,15 +93,6 @@ def generate(
             on_masks(new)
     report(1.0, f"{len(records)} masks ready")
     return records
-
-
-def _no_progress(fraction: float, text: str) -> None:
-    pass
-
-
-def _check(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise SegmentationCancelled("Segmentation was cancelled: the person who asked for it has left.")
 
 
 @dataclass
@@ -212,7 +200,7 @@ class _Pass:
         out: list[dict] = []
         staged, self.staged = self.staged, []
         for start in range(0, len(staged), UPSCALE_CHUNK):
-            _check(cancel)
+            check_cancel(cancel)
             chunk = staged[start : start + UPSCALE_CHUNK]
             low = np.stack([cand.logits for cand in chunk])
             full = np.asarray(self.model.to_full(self.emb, low))

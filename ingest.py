@@ -27,8 +27,7 @@ from mask_passes import PassState
 from publish import MaskPublisher
 from quotas import Quotas, room_refusal
 from records import mask_rows
-from sam_engine import check_cancel
-from segmenter import Progress, SamEngine
+from segmenter import Progress, SamEngine, check_cancel
 from settings import Settings
 from storage import BlobStore, Database, ImageRow, MaskRow, OwnerFull
 

@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
+import auto_masks
 import masks as rle
 from embedding_cache import EmbeddingCache, image_key
-from errors import InvalidInput, SegmentationCancelled, SegmentationRejected
-from segmenter import Progress
+from errors import InvalidInput, SegmentationRejected
+from segmenter import OnMasks, Progress, check_cancel, no_progress
 from validation import check_prompt, check_rgb
 
-OnMasks = Callable[[list[dict]], None]
 AutoPass = Callable[..., list[dict]]  # (model, emb, image, *, max_masks, progress, cancel, on_masks)
 Runner = Callable[..., Any]  # run(fn, *args) -> fn(*args), possibly somewhere else (a GPU worker)
 EMBED_SHARE = 0.3  # of an automatic run's progress bar: the encoder's part
@@ -64,7 +64,7 @@ class PromptModelSegmenter:
         # What /health and the status line name: the model's device and id, when the model has them.
         self.device: str = str(getattr(model, "device", "cpu"))
         self.model_id: str | None = getattr(model, "model_id", None)
-        self._auto_pass = auto_pass
+        self._auto_pass = auto_pass or auto_masks.generate
         self._run = run or run_here
 
     # -- the Segmenter interface -------------------------------------------------------------------------
@@ -131,14 +131,13 @@ class PromptModelSegmenter:
     # -- the work (inside `run`) -------------------------------------------------------------------------
 
     def _generate(self, image, progress, cancel, on_masks) -> list[dict]:
-        report = progress or _no_progress
+        report = progress or no_progress
         emb = self._embedding(image, report, cancel)
 
         def scaled(fraction: float, text: str) -> None:
             report(EMBED_SHARE + (1 - EMBED_SHARE) * fraction, text)
 
-        auto_pass = self._auto_pass or _default_pass()
-        records = auto_pass(
+        records = self._auto_pass(
             self.model, emb, image, max_masks=self.max_masks, progress=scaled, cancel=cancel, on_masks=on_masks
         )
         report(1.0, f"{len(records)} masks ready")
@@ -160,7 +159,7 @@ class PromptModelSegmenter:
         for k, full in zip(order, logits):
             mask = full > 0
             if mask.any() and all(mask_iou(mask, other) < DUPLICATE_IOU for other, _ in kept):
-                stability = float(stability_scores(low[0][k : k + 1])[0])
+                stability = float(auto_masks.stability_score(low[0][k : k + 1], 0.0, STABILITY_OFFSET)[0])
                 kept.append((mask, mask_record(mask, float(iou[0][k]), stability, point, image.shape[:2])))
         if not kept:
             raise SegmentationRejected("No object was found at these prompts: try another point or a larger box.")
@@ -179,35 +178,12 @@ class PromptModelSegmenter:
         return emb
 
 
-def _default_pass() -> AutoPass:
-    import auto_masks  # imported on first use: its over-segmentation needs scikit-image / OpenCV
-
-    return auto_masks.generate
-
-
 def run_here(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-def _no_progress(fraction: float, text: str) -> None:
-    pass
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers, shared with the automatic pass.
-
-
-def check_cancel(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise SegmentationCancelled("Segmentation cancelled.")
-
-
-def stability_scores(logits: np.ndarray, offset: float = STABILITY_OFFSET) -> np.ndarray:
-    """SAM's stability per mask: |logits > +offset| / |logits > -offset| over the last two axes."""
-    flat = logits.reshape(logits.shape[0], -1)
-    inner = np.count_nonzero(flat > offset, axis=1)
-    outer = np.count_nonzero(flat > -offset, axis=1)
-    return np.where(outer > 0, inner / np.maximum(outer, 1), 0.0)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

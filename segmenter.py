@@ -27,13 +27,24 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from errors import InvalidInput, SegmentationUnavailable
+from errors import InvalidInput, SegmentationCancelled, SegmentationUnavailable
 from settings import Settings
 
 log = logging.getLogger("mask_studio.segmenter")
 
 # progress(fraction 0..1, description)
 Progress = Callable[[float, str], None]
+OnMasks = Callable[[list[dict]], None]  # new records, handed over as an automatic pass finds them
+
+
+def no_progress(fraction: float, text: str) -> None:
+    """A Progress that reports nowhere."""
+
+
+def check_cancel(cancel: threading.Event | None) -> None:
+    """Stop with SegmentationCancelled once `cancel` is set (the person who asked has left)."""
+    if cancel is not None and cancel.is_set():
+        raise SegmentationCancelled("Segmentation was cancelled: the person who asked for it has left.")
 
 
 @runtime_checkable
@@ -99,7 +110,7 @@ class SamEngine(Protocol):
         *,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
-        on_masks: Callable[[list[dict]], None] | None = None,
+        on_masks: OnMasks | None = None,
     ) -> list[dict]: ...
 
     def candidates(
