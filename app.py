@@ -47,6 +47,7 @@ CSS = """
 #composite img { max-height: min(600px, calc(100vh - 140px)); width: auto; max-width: 100%; }
 #title h2 { margin: 0 0 4px 0; }
 #gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(96px, 1fr)); }
+#library_gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); }
 """
 # On a phone, notices appear at the bottom: at the top they covered the title and the status line. In the page's
 # head, because Gradio scopes `css` inside @media to the app's content, where its notices are not.
@@ -112,6 +113,8 @@ class Page:
     dl_coco_all: Any
     downloads: Any
     library: Any
+    library_gallery: Any
+    library_ids: Any
     open_btn: Any
     delete_btn: Any
     confirm_row: Any
@@ -235,6 +238,19 @@ def layout(secret: str, *, sign_in: bool) -> Page:
             c["dl_coco_all"] = gr.Button("COCO JSON: all masks", elem_id="dl_coco_all", size="sm")
         c["downloads"] = gr.File(label="Your file", elem_id="downloads", interactive=False)
     with gr.Accordion("Library", open=False, elem_id="library_panel"):
+        # Newest first; a click on a thumbnail opens that image. The list below names every image (and is
+        # what Open and Delete act on).
+        c["library_gallery"] = gr.Gallery(
+            label="Newest first: click a picture to open it",
+            elem_id="library_gallery",
+            columns=6,
+            fit_columns=False,
+            height=260,
+            allow_preview=False,
+            object_fit="cover",
+            visible=False,
+        )
+        c["library_ids"] = gr.State([])  # the image ids in the thumbnails' order
         with gr.Row():
             c["library"] = gr.Dropdown(label="Stored images", choices=[], elem_id="library", scale=3)
             c["open_btn"] = gr.Button("Open", elem_id="open", size="sm", scale=1)
@@ -258,21 +274,26 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     segment: dict[str, Any] = {"concurrency_id": "segment", "concurrency_limit": 2, **private}
     paint_inputs = [p.state, p.color, p.opacity, p.background]
     watch = [p.pass_timer, p.pass_progress, p.pass_shown]  # the open image's automatic pass (SAM engines)
+    library = [p.library, p.library_gallery, p.library_ids]  # its list, its thumbnails, their image ids
     p.upload.upload(
         user_errors(h.on_upload),
         [p.upload, p.custom_id, p.state, p.background],
-        [*fresh, p.library, p.status, p.upload, p.custom_id, *watch],
+        [*fresh, *library, p.status, p.upload, p.custom_id, *watch],
         show_progress_on=[p.upload],  # progress (and an error badge) on the upload box only, not on every output
         **segment,
     ).failure(lambda: None, None, p.upload, **private)  # the box is ready for another file
-    p.composite.select(user_errors(h.on_click), [*paint_inputs, p.mode], shown, **quick)
+    # A click: the picture first, then the gallery's highlight (an update of the gallery costs Gradio tens of ms).
+    picture = shown[:4]
+    p.composite.select(user_errors(h.on_click), [*paint_inputs, p.mode], picture, **quick).then(
+        h.on_highlight, [p.state], p.gallery, **quick
+    )
     p.keep_object.click(user_errors(h.on_keep_object), paint_inputs, shown, **segment)
     p.reset_points.click(user_errors(h.on_reset_points), [p.state, p.background], shown, **private)
     # The engine's and the bucket's health as last checked (in the background, never blocking the page).
     gr.Timer(STATUS_REFRESH_S).tick(status, None, p.status, **quick)
     p.mode.change(user_errors(h.on_mode), [p.state, p.mode, p.background], [*shown, p.object_buttons], **quick)
     p.gallery.select(user_errors(h.on_gallery), paint_inputs, shown, **quick)
-    p.gallery.change(h.on_gallery_change, [p.state], p.gallery, **quick)  # new thumbnails: highlight the selection
+    p.gallery.change(h.on_highlight, [p.state], p.gallery, **quick)  # new thumbnails: highlight the selection
     on_color = user_errors(h.on_color)  # one function: the picker and the slider share a concurrency group
     p.color.change(on_color, paint_inputs, shown, **quick)
     p.opacity.release(on_color, paint_inputs, shown, **quick)
@@ -283,16 +304,18 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     for button, which in ((p.dl_coco_painted, "painted"), (p.dl_coco_all, "all")):
         button.click(functools.partial(user_errors(h.on_download_coco), which=which), [p.state], p.downloads, **private)
     p.open_btn.click(user_errors(h.on_open), [p.library, p.state, p.background], [*fresh, *watch], **private)
+    pick_inputs = [p.library_ids, p.state, p.background]
+    p.library_gallery.select(user_errors(h.on_library_pick), pick_inputs, [*fresh, *watch, p.library], **private)
     ticked = [p.gallery, p.pass_progress, p.pass_timer, p.pass_shown]
     p.pass_timer.tick(user_errors(h.on_pass_tick), [p.state, p.pass_shown], ticked, **quick)
     hide: dict[str, Any] = {"fn": lambda: gr.update(visible=False), "inputs": None, "outputs": p.confirm_row, **private}
     p.delete_btn.click(user_errors(h.on_ask_delete), [p.library, p.state], [p.confirm_row, p.confirm_text], **private)
     p.confirm_delete.click(
-        user_errors(h.on_delete), [p.library, p.state, p.background], [*fresh, p.library], **private
+        user_errors(h.on_delete), [p.library, p.state, p.background], [*fresh, *library], **private
     ).then(**hide)
     p.cancel_delete.click(**hide)
     p.library.change(**hide)
-    load_outputs = [p.browser_key, p.state, p.library, p.status]
+    load_outputs = [p.browser_key, p.state, *library, p.status]
     demo.load(user_errors(h.on_load), [p.browser_key, p.state], load_outputs, **private)
 
 

@@ -94,6 +94,11 @@ class ImageCache:
             self.remember(loaded, version)
             return loaded
 
+    def peek(self, image_id: str) -> Loaded | None:
+        """The image if it is cached now (never builds it)."""
+        with self._lock:
+            return self._cache.get(image_id)
+
     def remember(self, loaded: Loaded, version: tuple[int, int] | None = None) -> None:
         """Cache a built image; with `version` (read before its rows were), only if nothing changed since."""
         with self._lock:

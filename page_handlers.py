@@ -1,8 +1,10 @@
 """The page's event handlers: read the controls, change the tab's PageState, ask the studio, return what shows.
 
 Every handler returns the same first five values (`show`): the state, the composite, the selection line, the
-painted table and the gallery (its highlighted thumbnail follows the selection). Handlers that open another
-image also empty the Download panel. Our errors become toasts in one place, app.user_errors, where these are wired.
+painted table and the gallery (its highlighted thumbnail follows the selection); a click on the picture returns
+the first four (`show_picture`) and the gallery's highlight follows in an event of its own (`on_highlight`).
+Handlers that open another image also empty the Download panel. Our errors become toasts in one place,
+app.user_errors, where these are wired.
 """
 
 # No `from __future__ import annotations`: Gradio reads these hints as objects (gr.SelectData, gr.Request).
@@ -44,34 +46,44 @@ class PageHandlers:
     # ---- what the page shows -------------------------------------------------------------------
     def show(self, state: PageState, background: str, *, refresh_gallery: bool = False) -> tuple:
         """state, composite, selection line, painted table, gallery (its thumbnails too if `refresh_gallery`)."""
-        image = self._composite(state, background)
-        if state.image_id and not refresh_gallery:  # the gallery may have grown since (the automatic pass)
-            state = state.with_order(self.studio.load(state.image_id, owner_of(state)).by_area())
-        gallery = self.highlight(state)
         if refresh_gallery:
             cutouts = self.studio.cutouts(state.image_id, owner_of(state)) if state.image_id else []
             items, order = views.gallery_items(cutouts)
             state = state.with_order(order)
             gallery = {**self.highlight(state), "value": items, "visible": bool(items)}
-        return (
-            state,
-            gr.update(value=image, visible=image is not None),  # shown only when there is a picture
-            self._selection(state),
-            views.painted_rows(state.steps),
-            gallery,
-        )
+            return self.show_picture(state, background, reveal=True) + (gallery,)
+        state = self._current_order(state)  # the gallery may have grown since (the automatic pass)
+        return self.show_picture(state, background) + (self.highlight(state),)
+
+    def show_picture(self, state: PageState, background: str, *, reveal: bool = False) -> tuple:
+        """state, composite, selection line, painted table: what a click changes (the gallery's highlight follows
+        in an event of its own, `on_highlight`, so the picture is not held back by it). `reveal`: the composite
+        may have been hidden (no picture before): show or hide it. Otherwise a bare file path is sent, since an
+        update of a component's properties costs Gradio a rebuilt component and schema (~10 ms) per event."""
+        image = self._composite(state, background)
+        composite: dict | str
+        if reveal or image is None:
+            composite = gr.update(value=image, visible=image is not None)  # shown only when there is a picture
+        else:
+            composite = image
+        return state, composite, self._selection(state), views.painted_rows(state.steps)
 
     @staticmethod
     def highlight(state: PageState) -> dict:
         """The gallery's highlighted thumbnail: the selected mask's, or none (None would not reach the browser;
-        -1 matches no thumbnail). New thumbnails move a -1 to the first one: on_gallery_change then puts it back."""
+        -1 matches no thumbnail). New thumbnails move a -1 to the first one: on_highlight then puts it back."""
         index = state.gallery_index
         return gr.update(selected_index=NO_THUMBNAIL if index is None else index)
 
-    def on_gallery_change(self, state):
-        if state.image_id:  # the thumbnails may be newer than the state's order (the automatic pass)
-            state = state.with_order(self.studio.load(state.image_id, owner_of(state)).by_area())
-        return self.highlight(state)
+    def on_highlight(self, state):
+        """The gallery's highlight after a click on the picture, and whenever the thumbnails change."""
+        return self.highlight(self._current_order(state))
+
+    def _current_order(self, state: PageState) -> PageState:
+        """The state with the gallery's order as stored now (the automatic pass may have added masks)."""
+        if not state.image_id:
+            return state
+        return state.with_order(self.studio.load(state.image_id, owner_of(state)).by_area())
 
     def show_image(self, state: PageState, background: str) -> tuple:
         """`show` for a page that now has another image: new thumbnails, and no download of the previous one."""
@@ -98,9 +110,13 @@ class PageHandlers:
         area = loaded.masks[state.selected].area
         return views.selection_text(state, area, (loaded.row.width, loaded.row.height))
 
-    def library(self, owner: str) -> dict:
-        choices = views.library_choices(self.studio.list_images(owner))
-        return gr.update(choices=choices, value=choices[0][1] if choices else None)
+    def library(self, owner: str) -> tuple:
+        """The Library: its list (newest chosen), its thumbnails, and the image ids in the thumbnails' order."""
+        rows, files = self.studio.library(owner)
+        choices = views.library_choices(rows)
+        items, ids = views.library_gallery(rows, files)
+        listed = gr.update(choices=choices, value=choices[0][1] if choices else None)
+        return listed, gr.update(value=items, visible=bool(items), selected_index=None), ids
 
     # ---- loading, uploading, opening, deleting -------------------------------------------------------
     def on_load(self, browser_key, state, profile: gr.OAuthProfile | None = None):
@@ -110,7 +126,7 @@ class PageHandlers:
             browser_key = secrets.token_urlsafe(24)
         username = profile.username if profile is not None else None
         state = PageState(owner=self.access.browser_caller(browser_key, username).owner)
-        return browser_key, state, self.library(owner_of(state)), self.status()
+        return browser_key, state, *self.library(owner_of(state)), self.status()
 
     def on_upload(self, file, custom_id, state, background, request: gr.Request, progress=gr.Progress()):
         data = upload_bytes(file)
@@ -130,7 +146,7 @@ class PageHandlers:
         gr.Info(views.upload_notice(summary), duration=4)
         _warn(views.s3_warning(summary["s3"], summary["mask_count"]))
         # Empty the upload box and the id: ready for the next photo without first clearing them.
-        shown = self.show_image(state, background) + (self.library(owner_of(state)), self.status(), None, "")
+        shown = self.show_image(state, background) + (*self.library(owner_of(state)), self.status(), None, "")
         return shown + self._pass_watch(state)
 
     def on_open(self, image_id, state, background):
@@ -139,6 +155,13 @@ class PageHandlers:
         self.studio.load(image_id, owner_of(state))
         state = state.opened(image_id)
         return self.show_image(state, background) + self._pass_watch(state)
+
+    def on_library_pick(self, ids, state, background, evt: gr.SelectData):
+        """A thumbnail in the Library: open that image (and choose it in the list, for Delete)."""
+        if not isinstance(evt.index, int) or not 0 <= evt.index < len(ids or []):
+            raise InvalidInput("The library changed meanwhile: choose the image again.")
+        image_id = ids[evt.index]
+        return self.on_open(image_id, state, background) + (gr.update(value=image_id),)
 
     # ---- the automatic pass of the open image, running in the background ---------------------------
     def _pass_watch(self, state: PageState) -> tuple:
@@ -180,7 +203,7 @@ class PageHandlers:
             shown = self.show_image(state.opened(None), background)
         else:
             shown = self.show(state, background, refresh_gallery=True) + (gr.update(),)
-        return shown + (self.library(owner_of(state)),)
+        return shown + self.library(owner_of(state))
 
     # ---- clicks on the picture and the gallery -------------------------------------------------
     def on_click(self, state, color, opacity, background, mode, evt: gr.SelectData, request: gr.Request):
@@ -204,14 +227,14 @@ class PageHandlers:
                     address=client_address(request),
                     cancel=cancel,
                 )
-            return self.show(state.previewing(points, preview), background)
+            return self.show_picture(state.previewing(points, preview), background)
         # With a SAM engine, SAM's own masks at the point are stored first when nothing stored covers it yet.
         found = self.studio.click_masks(state.image_id, x, y, owner)
         if found["mask_id"] is None:
             gr.Info(f"No mask covers pixel ({x}, {y}).", duration=3)
         tolerance = click_tolerance(loaded.row.width, dw)
         state = state.clicked((x, y), found["candidates"], views.rgba_from_controls(color, opacity), tolerance)
-        return self.show(state, background)
+        return self.show_picture(state, background)
 
     def on_gallery(self, state, color, opacity, background, evt: gr.SelectData):
         colour = views.rgba_from_controls(color, opacity)

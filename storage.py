@@ -184,6 +184,10 @@ CREATE TABLE IF NOT EXISTS objects (
     upload_state TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS objects_image ON objects(image_id);
+CREATE TABLE IF NOT EXISTS thumbnails (
+    image_id TEXT PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    jpeg BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS s3_deletions (
     key TEXT PRIMARY KEY,
     owner TEXT
@@ -352,6 +356,23 @@ class Database:
             db.table("s3_deletions").insert_all(({"key": k, "owner": owner} for k in keys), ignore=True)
             db.table("images").delete_where("id = ?", [image_id])
         return keys
+
+    # ---- the Library's thumbnails (derived from the original: made when first asked for) -------------
+    def thumbnails(self, image_ids: Sequence[str]) -> dict[str, bytes]:
+        """The stored thumbnails (JPEG bytes) of these images, by id; images without one are left out."""
+        if not image_ids:
+            return {}
+        marks = ", ".join("?" * len(image_ids))
+        rows = self._read(lambda db: list(db.table("thumbnails").rows_where(f"image_id IN ({marks})", list(image_ids))))
+        return {r["image_id"]: r["jpeg"] for r in rows}
+
+    def set_thumbnail(self, image_id: str, jpeg: bytes) -> bool:
+        """Keep the image's thumbnail; False when the image is no longer stored (deleted meanwhile)."""
+        with self._transaction() as db:
+            if not db.table("images").count_where("id = ?", [image_id]):
+                return False
+            db.table("thumbnails").upsert({"image_id": image_id, "jpeg": jpeg}, pk="image_id")
+        return True
 
     def blob_keys(self) -> set[str]:
         return self._read(lambda db: {r["blob_key"] for r in db.table("images").rows_where(select="blob_key")})

@@ -42,6 +42,8 @@ from sam2_responses import answer_from_masks
 from segmenter import Progress, Segmenter, streaming_engine
 from settings import Settings
 from storage import BlobStore, Database, ImageRow, MaskRow
+from thumbnails import SHOWN as SHOWN_THUMBNAILS
+from thumbnails import LibraryThumbnails
 from validation import check_mask_id, check_point, check_prompt
 
 log = logging.getLogger("mask_studio")
@@ -88,6 +90,7 @@ class Studio:
         self.cache = cache or ImageCache(db, blobs)
         self.quotas = quotas or Quotas(settings, db)
         self.ingest = Ingest(settings, db, blobs, self.cache, self.quotas, publisher)
+        self.thumbnails = LibraryThumbnails(db, blobs, self.cache)
         self.passes = MaskPasses()  # the automatic passes of the page's uploads with a SAM engine
         self._health = HealthMonitor(lambda: self.segmenter.health())
 
@@ -257,6 +260,13 @@ class Studio:
     def list_images(self, owner: Scope) -> list[dict]:
         scope = _scope(owner)
         return [r.summary(scope) for r in self.db.list_images(scope, limit=MAX_LIST)]
+
+    def library(self, owner: Scope) -> tuple[list[dict], list[str | None]]:
+        """The owner's images as `list_images` lists them, and thumbnail files for the newest `thumbnails.SHOWN`
+        (None where a picture cannot be read)."""
+        scope = _scope(owner)
+        rows = self.db.list_images(scope, limit=MAX_LIST)
+        return [r.summary(scope) for r in rows], self.thumbnails.files(rows[:SHOWN_THUMBNAILS])
 
     def mask_at_point(self, image_id: object, x: object, y: object, owner: Scope) -> dict:
         loaded = self.load(image_id, owner)

@@ -5,7 +5,7 @@ No Gradio and no studio here: the handlers look things up and pass plain values 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,24 @@ def library_choices(rows: Iterable[dict]) -> list[tuple[str, str]]:
     """Stored images (newest first, as listed) as (label, image id) dropdown choices: the file's name (and the
     id when it differs), size, date and mask count."""
     return [(library_label(r), r["image_id"]) for r in rows]
+
+
+def library_gallery(rows: Sequence[dict], files: Sequence[str | None]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The Library's thumbnails: (file, label) items for the rows that have a file, and their image ids in order."""
+    items, ids = [], []
+    for row, file in zip(rows, files):
+        if file is not None:
+            items.append((file, library_caption(row)))
+            ids.append(row["image_id"])
+    return items, ids
+
+
+def library_caption(row: dict) -> str:
+    """A thumbnail's caption, short enough for its cell: `photo.jpg · 640×480 · 2026-01-01` (the id without a name)."""
+    created = str(row.get("created_at") or "")[:10]
+    return " · ".join(
+        part for part in (row.get("name") or row["image_id"], f"{row['width']}×{row['height']}", created) if part
+    )
 
 
 def library_label(row: dict) -> str:

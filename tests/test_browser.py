@@ -467,6 +467,30 @@ def test_7_reload_reopen_then_delete(page, app, photo):
     assert "reopen-me" not in [row["image_id"] for row in listed]
 
 
+def test_7b_the_library_shows_thumbnails_and_a_click_opens_one(page, app, photo, tmp_path):
+    """The Library shows each stored image as a thumbnail with its name, size and date; clicking one opens it."""
+    other, house = tmp_path / "sunset.png", tmp_path / "my-house.png"
+    Image.fromarray(np.full((60, 90, 3), (250, 140, 30), np.uint8)).save(other)
+    house.write_bytes(photo.read_bytes())
+    upload(page, house, "thumb-house")
+    upload(page, other, "thumb-sunset")
+    open_panel(page, "Library")
+    items = page.locator("#library_gallery .thumbnail-item")
+    items.first.wait_for()
+    captions = " | ".join(page.locator("#library_gallery").all_inner_texts())
+    assert captions.index("sunset.png") < captions.index("my-house.png")  # newest first
+    assert "sunset.png · 90×60 · 20" in captions  # name, size, date
+    sunset = items.filter(has_text="sunset.png").first.locator("img")
+    rgb = np.asarray(Image.open(io.BytesIO(page.request.get(sunset.get_attribute("src")).body())).convert("RGB"))
+    assert np.abs(rgb.reshape(-1, 3).mean(0) - (250, 140, 30)).max() < 4  # the picture's own thumbnail
+    page.shots.take(page, "library-thumbnails")
+
+    updating(page, lambda: items.filter(has_text="my-house.png").first.click())
+    page.wait_for_function("() => document.querySelector('#library input').value.includes('thumb-house')")
+    assert page.locator("#gallery .thumbnail-item").count() == 4  # the house's masks, not the sunset's
+    page.shots.take(page, "opened-from-thumbnail")
+
+
 def choose_in_library(page, image_id: str) -> None:
     page.locator("#library input").click()
     page.locator("[role=option], ul.options li").filter(has_text=image_id).first.click()

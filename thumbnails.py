@@ -1,0 +1,77 @@
+"""The Library's thumbnails: one small JPEG per stored image, made once, kept in the database, served as files.
+
+A thumbnail is derived data: made from the image when the Library first shows it (from the cached picture when
+the image was just uploaded or opened, else from the stored original), kept in the database's `thumbnails`
+table (deleted with its image), and written as a file in a temp folder for the page's gallery: Gradio serves
+files from the temp folder, not from a data folder that may lie elsewhere (a Space's persistent /data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import imaging
+from errors import MaskStudioError
+from image_cache import ImageCache
+from storage import BlobStore, Database, ImageRow
+
+log = logging.getLogger("mask_studio.thumbnails")
+
+SIDE = 200  # px, the longer side: sharp in a gallery cell of ~100-200 CSS px
+QUALITY = 82
+SHOWN = 48  # the Library's gallery shows the newest this many; its list names every image
+
+
+def make_thumbnail(rgb: np.ndarray, side: int = SIDE) -> bytes:
+    """The picture fitted into side×side (never enlarged), as JPEG bytes."""
+    image = Image.fromarray(rgb)
+    image.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return imaging.encode_jpeg(np.asarray(image), quality=QUALITY)
+
+
+class LibraryThumbnails:
+    """Thumbnail files for stored images: made once per image, then read from the database (module docstring)."""
+
+    def __init__(self, db: Database, blobs: BlobStore, cache: ImageCache, folder: Path | None = None):
+        self.db, self.blobs, self.cache = db, blobs, cache
+        self.folder = folder or Path(tempfile.gettempdir()) / "mask-studio-thumbnails"
+
+    def files(self, rows: Sequence[ImageRow]) -> list[str | None]:
+        """A thumbnail file per row, in order; None for an image whose picture cannot be read (logged)."""
+        stored = self.db.thumbnails([r.id for r in rows])
+        out: list[str | None] = []
+        for row in rows:
+            jpeg = stored.get(row.id) or self._make(row)
+            out.append(None if jpeg is None else self._file(row, jpeg))
+        return out
+
+    def _make(self, row: ImageRow) -> bytes | None:
+        loaded = self.cache.peek(row.id)
+        try:
+            rgb = loaded.display_rgb if loaded is not None else imaging.decode_png(self.blobs.get(row.blob_key))
+            jpeg = make_thumbnail(rgb)
+            self.db.set_thumbnail(row.id, jpeg)
+        except (MaskStudioError, OSError, ValueError) as exc:
+            log.warning("No thumbnail for image %s: %s", row.id, exc)
+            return None
+        return jpeg
+
+    def _file(self, row: ImageRow, jpeg: bytes) -> str:
+        # Named by the stored original (a new image under a reused id gets a new file), not guessable from the id.
+        name = hashlib.sha256(f"{row.id}\0{row.blob_key}".encode()).hexdigest()[:24] + ".jpg"
+        path = self.folder / name
+        if not path.is_file():  # written whole under a temporary name first: never a half file under this one
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, part = tempfile.mkstemp(dir=self.folder, prefix=".part-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(jpeg)
+            os.replace(part, path)
+        return str(path)
