@@ -43,7 +43,7 @@ from segmenter import Progress, Segmenter, streaming_engine
 from settings import Settings
 from storage import BlobStore, Database, ImageRow, MaskRow
 from thumbnails import SHOWN as SHOWN_THUMBNAILS
-from thumbnails import LibraryThumbnails
+from thumbnails import LibraryThumbnails, cutouts
 from validation import check_mask_id, check_point, check_prompt
 
 log = logging.getLogger("mask_studio")
@@ -307,16 +307,8 @@ class Studio:
         return render.render(loaded.rgb, loaded.index, steps, bg)
 
     def cutouts(self, image_id: str, owner: Scope) -> list[tuple[int, np.ndarray]]:
-        """Gallery thumbnails (RGBA cut-outs), largest mask first; computed once per cached image."""
-        loaded = self.load(image_id, owner)
-        out = []
-        for mid in loaded.by_area():
-            thumb = loaded.thumbs.get(mid)
-            if thumb is None:
-                m = loaded.masks[mid]
-                thumb = loaded.thumbs[mid] = render.cutout(loaded.rgb, loaded.index.mask(mid), m.bbox)
-            out.append((mid, thumb))
-        return out
+        """The mask gallery's thumbnails (RGBA cut-outs), largest mask first (thumbnails.cutouts)."""
+        return cutouts(self.load(image_id, owner))
 
     def export_coco(
         self,

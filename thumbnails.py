@@ -1,4 +1,4 @@
-"""The Library's thumbnails: one small JPEG per stored image, made once, kept in the database, served as files.
+"""Thumbnails: the Library's (one small JPEG per stored image, kept in the database) and the masks' cut-outs.
 
 A thumbnail is derived data: made from the image when the Library first shows it (from the cached picture when
 the image was just uploaded or opened, else from the stored original), kept in the database's `thumbnails`
@@ -19,8 +19,9 @@ import numpy as np
 from PIL import Image
 
 import imaging
+import render
 from errors import MaskStudioError
-from image_cache import ImageCache
+from image_cache import ImageCache, Loaded
 from storage import BlobStore, Database, ImageRow
 
 log = logging.getLogger("mask_studio.thumbnails")
@@ -28,6 +29,18 @@ log = logging.getLogger("mask_studio.thumbnails")
 SIDE = 200  # px, the longer side: sharp in a gallery cell of ~100-200 CSS px
 QUALITY = 82
 SHOWN = 48  # the Library's gallery shows the newest this many; its list names every image
+
+
+def cutouts(loaded: Loaded) -> list[tuple[int, np.ndarray]]:
+    """The mask gallery's thumbnails: (mask id, RGBA cut-out), largest mask first; made once per cached image."""
+    out = []
+    for mid in loaded.by_area():
+        thumb = loaded.thumbs.get(mid)
+        if thumb is None:
+            m = loaded.masks[mid]
+            thumb = loaded.thumbs[mid] = render.cutout(loaded.rgb, loaded.index.mask(mid), m.bbox)
+        out.append((mid, thumb))
+    return out
 
 
 def make_thumbnail(rgb: np.ndarray, side: int = SIDE) -> bytes:
