@@ -221,16 +221,7 @@ def layout(secret: str, *, sign_in: bool) -> Page:
     c["pass_progress"] = gr.Markdown(elem_id="pass_progress", visible=False)
     c["pass_timer"] = gr.Timer(PASS_REFRESH_S, active=False)
     c["pass_shown"] = gr.State(-1)  # the mask count the gallery shows, as the pass timer last refreshed it
-    c["gallery"] = gr.Gallery(
-        label="Masks, largest first (click to select)",
-        elem_id="gallery",
-        columns=8,
-        fit_columns=False,
-        height=300,
-        allow_preview=False,
-        object_fit="contain",
-        visible=False,
-    )
+    c["gallery"] = thumbnail_grid("Masks, largest first (click to select)", "gallery", height=300, fit="contain")
     with gr.Accordion("Download", open=False, elem_id="downloads_panel"):
         with gr.Row():
             c["dl_png"] = gr.Button("Composite (PNG, full size)", elem_id="dl_png", size="sm")
@@ -240,15 +231,8 @@ def layout(secret: str, *, sign_in: bool) -> Page:
     with gr.Accordion("Library", open=False, elem_id="library_panel"):
         # Newest first; a click on a thumbnail opens that image. The list below names every image (and is
         # what Open and Delete act on).
-        c["library_gallery"] = gr.Gallery(
-            label="Newest first: click a picture to open it",
-            elem_id="library_gallery",
-            columns=6,
-            fit_columns=False,
-            height=260,
-            allow_preview=False,
-            object_fit="cover",
-            visible=False,
+        c["library_gallery"] = thumbnail_grid(
+            "Newest first: click a picture to open it", "library_gallery", height=260, fit="cover"
         )
         c["library_ids"] = gr.State([])  # the image ids in the thumbnails' order
         with gr.Row():
@@ -261,6 +245,19 @@ def layout(secret: str, *, sign_in: bool) -> Page:
             c["confirm_delete"] = gr.Button("Yes, delete it", elem_id="confirm_delete", size="sm", variant="stop")
             c["cancel_delete"] = gr.Button("Keep it", elem_id="cancel_delete", size="sm")
     return Page(**c)
+
+
+def thumbnail_grid(label: str, elem_id: str, *, height: int, fit: str) -> gr.Gallery:
+    """A gallery of clickable thumbnails, hidden until it has some (its columns wrap to the width: CSS)."""
+    return gr.Gallery(
+        label=label,
+        elem_id=elem_id,
+        fit_columns=False,
+        height=height,
+        allow_preview=False,
+        object_fit=fit,  # type: ignore[arg-type]
+        visible=False,
+    )
 
 
 def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -> None:
