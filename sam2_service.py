@@ -242,14 +242,20 @@ async def _no_receive() -> dict:
 
 
 def build_service(
-    settings: Settings, segmenter: Any, *, options: ServiceOptions | None = None, s3: Any = None
+    settings: Settings,
+    segmenter: Any,
+    *,
+    options: ServiceOptions | None = None,
+    s3: Any = None,
+    images: ImageStore | None = None,
 ) -> Guard:
-    """The ASGI app serving `segmenter` (any Segmenter); `s3` an s3_store.S3BlobStore or None.
+    """The ASGI app serving `segmenter` (any Segmenter); `s3` an s3_store.S3BlobStore or None; `images` the
+    store of images by hash (default: options.image_cache_mb of them).
 
     It is the FastAPI app (`.app`) behind the token and size guard."""
     options = options or ServiceOptions()
     gate = Gate(options.concurrency, options.queue)
-    images = ImageStore(options.image_cache_mb * 1024 * 1024)
+    images = images if images is not None else ImageStore(options.image_cache_mb * 1024 * 1024)
     app = FastAPI(
         title="SAM2 service",
         summary="Mask Studio's segmentation protocol: automatic masks and prompted masks, optional S3 mask PNGs.",

@@ -278,9 +278,15 @@ def test_bad_requests_get_a_sentence(service, photo, body, status, words):
 
 def test_options_from_env():
     options = sam2_service.ServiceOptions.from_env(
-        {"SAM_SERVICE_TOKEN": " t ", "SAM_SERVICE_CONCURRENCY": "2", "SAM_SERVICE_TIMEOUT": "9.5"}
+        {
+            "SAM_SERVICE_TOKEN": " t ",
+            "SAM_SERVICE_CONCURRENCY": "2",
+            "SAM_SERVICE_TIMEOUT": "9.5",
+            "SAM_SERVICE_IMAGE_CACHE_MB": "64",
+        }
     )
     assert (options.token, options.concurrency, options.queue, options.timeout) == ("t", 2, 8, 9.5)
+    assert options.image_cache_mb == 64 and sam2_service.ServiceOptions.from_env({}).image_cache_mb == 256
     assert "t" not in repr(options).replace("timeout", "").replace("ServiceOptions", "")
     with pytest.raises(Exception, match="SAM_SERVICE_QUEUE"):
         sam2_service.ServiceOptions.from_env({"SAM_SERVICE_QUEUE": "-1"})
