@@ -58,6 +58,9 @@ from settings import Settings, env_number, host_port
 log = logging.getLogger("mask_studio.sam2_service")
 
 BODY_SLACK = 1024 * 1024  # JSON around the base64 image: prompts, params
+# Idle connections stay open longer than Mask Studio's client keeps them (60 s), so the client, not the
+# service, closes them: never a request sent on a connection the service is closing. uvicorn's default is 5 s.
+KEEP_ALIVE = 75
 SEGMENT_PATH = "/segment"
 
 
@@ -429,7 +432,8 @@ def serving(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="sam2-service", daemon=True)
     thread.start()
     try:
@@ -479,7 +483,7 @@ def main() -> None:
     )
     app = build_service(settings, segmenter, options=options, s3=s3)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=KEEP_ALIVE)
     finally:
         segmenter.close()
 
