@@ -132,7 +132,7 @@ class HttpSegmenter:
         return answer_from_masks(records, pts, labels, bx, self.engine)
 
     def prepare(self, image: np.ndarray) -> None:
-        """Nothing to warm: the service keeps no per-image state that Mask Studio could reuse."""
+        """Nothing to warm here: the first request on an image sends it, and a service that keeps it says so."""
 
     def health(self) -> tuple[bool, str]:
         """GET {url}/health, falling back to GET {url}; (ok, sentence) within about 3 s, never raises."""
@@ -212,9 +212,12 @@ class HttpSegmenter:
         url, extra = self.protocol.target(self.http.endpoint, self._settings)
         headers = {**self.http.headers_for(url), "Content-Type": "application/json", **extra}
         h, w = frame.sent
-        what = f"the prompt on a {w}×{h} image it has" if by_hash else f"a {w}×{h} image"
-        call.report(0.05, f"Sending {what} to the {self.engine}")
-        log.debug("%s: sending %s (%d KB)", self.engine, what, len(content) // 1024)
+        if by_hash:
+            text = f"Sending the request to the {self.engine}, which has the {w}×{h} image"
+        else:
+            text = f"Sending a {w}×{h} image to the {self.engine}"
+        call.report(0.05, text)
+        log.debug("%s (%d KB)", text, len(content) // 1024)
         call.report(0.05, f"Waiting for the {self.engine}", waiting=True)
         creating = self.protocol.creates_prediction
         reply = self.http.send(call, "POST", url, content=content, headers=headers, creating=creating)
