@@ -28,6 +28,7 @@ import hmac
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -423,15 +424,9 @@ def serving(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve `app` with uvicorn on a background thread for the duration of the block; yields its base URL.
 
     port 0 takes a free one. (Tests and benchmarks; `main` runs uvicorn in the foreground.)"""
-    import socket
-
     import uvicorn
 
-    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP. Without
-    # it, each answer's body waited for the client's delayed ACK of the headers: 40 ms per request on Linux.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = listening_socket(host, port)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="sam2-service", daemon=True)
@@ -447,6 +442,17 @@ def serving(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, for uvicorn to listen on.
+
+    IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections whose socket says it is TCP.
+    Without it each answer's body waited for the client's delayed ACK of its headers: 40 ms per request on Linux."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
 
 
 def main() -> None:
