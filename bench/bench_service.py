@@ -8,6 +8,7 @@ For 1 and 4 concurrent clients it sends REQUESTS point prompts at random include
 - service, image resent: the same, the image (PNG, base64) in every request, as clients before image_sha256 did.
 The HTTP overhead is (service p50 - in-process p50) / in-process p50; the target is under 20 %.
 The engine's embedding (or hierarchy) is warmed first, so a prompt costs what a click on a known image costs.
+CPU ms/req is this process's CPU time per request (client, service and engine together): it moves less with load.
 The machine may be shared: the paths take turns in ROUNDS rounds (the order rotating), so a change of load
 during the run falls on all of them alike.
 
@@ -109,21 +110,26 @@ def run(calls: list[Callable[[], object]], clients: int) -> tuple[float, list[fl
     return time.perf_counter() - start, latencies
 
 
-def in_turns(paths: dict[str, list[Callable[[], object]]], clients: int) -> dict[str, tuple[float, list[float]]]:
-    """Each path's calls in ROUNDS slices, the paths taking turns (order rotating); per path (wall, latencies)."""
-    totals: dict[str, tuple[float, list[float]]] = {name: (0.0, []) for name in paths}
+def in_turns(paths: dict[str, list[Callable[[], object]]], clients: int) -> dict[str, tuple[float, float, list[float]]]:
+    """Each path's calls in ROUNDS slices, the paths taking turns (order rotating); per path (wall seconds,
+    this process's CPU seconds: client, service and engine together, latencies)."""
+    totals: dict[str, tuple[float, float, list[float]]] = {name: (0.0, 0.0, []) for name in paths}
     names = list(paths)
     for r in range(ROUNDS):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            cpu = time.process_time()
             wall, latencies = run(paths[name][r::ROUNDS], clients)
-            totals[name] = (totals[name][0] + wall, totals[name][1] + latencies)
+            cpu = time.process_time() - cpu
+            wall0, cpu0, latencies0 = totals[name]
+            totals[name] = (wall0 + wall, cpu0 + cpu, latencies0 + latencies)
     return totals
 
 
-def figures(wall: float, latencies: list[float]) -> tuple[float, float, float]:
+def figures(wall: float, cpu: float, latencies: list[float]) -> tuple[float, float, float, float]:
+    """(requests/s, p50, p95, CPU seconds per request): CPU per request moves less with the machine's load."""
     ordered = sorted(latencies)
     p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
-    return len(latencies) / wall, statistics.median(ordered), p95
+    return len(latencies) / wall, statistics.median(ordered), p95, cpu / len(latencies)
 
 
 class ImageEveryTime(ServiceProtocol):
@@ -146,7 +152,7 @@ def main() -> int:
     engine = make_engine(args.engine)
     engine.segment(image, points=points[0])  # warm: embedding / hierarchy cached
     print(f"engine: {engine.engine}; {args.requests} point prompts on a {w}×{h} photo per setting; load {load()}")
-    print(f"{'clients':>7} {'path':<22} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'overhead':>9}")
+    print(f"{'clients':>7} {'path':<22} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'overhead':>9} {'CPU ms/req':>11}")
     verdicts = []
     for clients in CLIENTS:
         options = sam2_service.ServiceOptions(concurrency=clients, queue=4 * clients)
@@ -169,9 +175,12 @@ def main() -> int:
             for client in named + resent:
                 client.close()
         base = rows["in-process"][1]
-        for name, (rate, p50, p95) in rows.items():
+        for name, (rate, p50, p95, cpu) in rows.items():
             overhead = "" if name == "in-process" else f"{p50 / base - 1:+.0%}"
-            print(f"{clients:>7} {name:<22} {rate:>7.1f} {p50 * 1000:>8.1f} {p95 * 1000:>8.1f} {overhead:>9}")
+            print(
+                f"{clients:>7} {name:<22} {rate:>7.1f} {p50 * 1000:>8.1f} {p95 * 1000:>8.1f} {overhead:>9} "
+                f"{cpu * 1000:>11.1f}"
+            )
         overhead = rows["service"][1] / base - 1
         added = (rows["service"][1] - base) * 1000
         verdict = "PASS" if overhead < TARGET else "FAIL"
