@@ -3,6 +3,9 @@
 One call: the image is prepared and sent in the shape the protocol wants (service_protocols), the HTTP runs
 with retries, caps and a deadline (service_http), and the answer, in any accepted shape, is read into SAM2
 mask records at the original image size (sam2_responses), masks at URLs fetched only from allowed hosts.
+A mask-studio service that answers `image_sha256` has kept the image: later requests on it send only that
+hash, and when the service answers 409 `image_needed` (evicted, restarted, another copy behind a load
+balancer) the same call sends the image again, once.
 cog and replicate only segment automatically: a prompt is answered by picking among the automatic masks
 (`sam2_responses.answer_from_masks`), from one automatic call per image. Protocol: docs/sam2-protocol.md.
 """
@@ -15,6 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,8 +48,8 @@ from sam2_responses import (
     to_record,
 )
 from segmenter import Progress
-from service_http import Call, ServiceHttp, run_call
-from service_protocols import PROTOCOLS, prepare_image
+from service_http import Call, Reply, ServiceHttp, run_call
+from service_protocols import PROTOCOLS, Prepared, prepare_image
 from settings import Settings
 from url_safety import checked_url, safe_url
 from validation import check_prompt, check_rgb
@@ -53,6 +57,7 @@ from validation import check_prompt, check_rgb
 log = logging.getLogger("mask_studio.sam2")
 
 SENT_CACHE = 4  # images kept encoded, as sent
+NAMED_CACHE = 256  # hashes of images the service said it kept
 DEFAULT_PARAMS = {"points_per_side": 32, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
 
 
@@ -79,7 +84,10 @@ class HttpSegmenter:
         self._auto_cache: tuple[bytes, list[dict]] | None = None  # cog/replicate: last automatic result
         # The last images as sent (encoded once): every click on a picture sends the same bytes again, and
         # re-encoding a 1 MP PNG per click cost more than the prompt itself.
-        self._sent: OrderedDict[bytes, tuple[bytes, str, Frame]] = OrderedDict()
+        self._sent: OrderedDict[bytes, Prepared] = OrderedDict()
+        # Images the service said it kept (its answer's image_sha256): requests name them instead of sending
+        # them, which took most of a prompt's time over HTTP (a 512² PNG: 620 KB of base64 each way through JSON).
+        self._named: OrderedDict[str, None] = OrderedDict()
 
     # -- the Segmenter interface -------------------------------------------------------------------------
 
@@ -124,7 +132,7 @@ class HttpSegmenter:
         return answer_from_masks(records, pts, labels, bx, self.engine)
 
     def prepare(self, image: np.ndarray) -> None:
-        """Nothing to warm: the service keeps no per-image state that Mask Studio could reuse."""
+        """Nothing to warm here: the first request on an image sends it, and a service that keeps it says so."""
 
     def health(self) -> tuple[bool, str]:
         """GET {url}/health, falling back to GET {url}; (ok, sentence) within about 3 s, never raises."""
@@ -145,7 +153,7 @@ class HttpSegmenter:
     def _run(self, job, progress: Progress | None, cancel: threading.Event | None):
         return run_call(job, self.engine, self.http.timeout, progress, cancel)
 
-    def _encoded(self, image: np.ndarray) -> tuple[bytes, str, Frame]:
+    def _encoded(self, image: np.ndarray) -> Prepared:
         """The image as sent to the service, encoded once per image (the last SENT_CACHE images kept)."""
         key = _image_key(image, {})
         with self._auto_lock:
@@ -161,37 +169,78 @@ class HttpSegmenter:
         return prepared
 
     def _auto(self, call: Call, image: np.ndarray, params: dict) -> list[dict]:
-        data, mime, frame = self._encoded(image)
-        payload, base_url = self._ask(call, self.protocol.auto_body(data, mime, params), frame)
-        records = self._collect(call, payload, frame, base_url)
+        prepared = self._encoded(image)
+        payload, base_url = self._ask(
+            call, lambda by_hash: self.protocol.auto_body(prepared, params, by_hash=by_hash), prepared
+        )
+        records = self._collect(call, payload, prepared.frame, base_url)
         records = keep_best(records, self._settings.max_masks)
         log.info("%s: %d masks in %.1f s", self.engine, len(records), time.monotonic() - call.started)
         return records
 
     def _prompted(self, call: Call, image: np.ndarray, points, labels, box) -> dict:
-        data, _, frame = self._encoded(image)
-        payload, base_url = self._ask(call, self.protocol.prompt_body(data, frame, points, labels, box), frame)
-        records = self._collect(call, payload, frame, base_url)
+        prepared = self._encoded(image)
+
+        def body(by_hash: bool) -> dict:
+            return self.protocol.prompt_body(prepared, points, labels, box, by_hash=by_hash)
+
+        payload, base_url = self._ask(call, body, prepared)
+        records = self._collect(call, payload, prepared.frame, base_url)
         if not records:
             raise SegmentationRejected(f"The {self.engine} returned no mask for these points.")
         return max(records, key=rank)
 
-    def _ask(self, call: Call, body: dict, frame: Frame) -> tuple[Any, str]:
-        """Send the request the protocol wants; (the decoded answer, the URL it came from)."""
+    def _ask(self, call: Call, build: Callable[[bool], dict], image: Prepared) -> tuple[Any, str]:
+        """Send the request the protocol wants, `build(by_hash)` its body; (the decoded answer, its URL)."""
+        by_hash = self._named_here(image.sha256)
+        reply, url, sent = self._post(call, build(by_hash), image.frame, by_hash)
+        if by_hash and _image_needed(reply):
+            self._forget(image.sha256)
+            log.debug("%s: no longer has image %s…; sending it again", self.engine, image.sha256[:12])
+            reply, url, sent = self._post(call, build(False), image.frame, False)
+        self.http.check_answer(reply, "POST", url, image.frame, sent)
+        payload = self.http.read_json(reply)
+        if self.protocol.answers_prediction:
+            payload, url = self._settle(call, payload, url)
+        elif self.protocol.names_images and isinstance(payload, dict) and payload.get("image_sha256") == image.sha256:
+            self._remember(image.sha256)
+        return payload, url
+
+    def _post(self, call: Call, body: dict, frame: Frame, by_hash: bool) -> tuple[Reply, str, int]:
+        """One POST of `body`; (the reply, its URL, the bytes sent)."""
         content = json.dumps(body).encode()
         url, extra = self.protocol.target(self.http.endpoint, self._settings)
         headers = {**self.http.headers_for(url), "Content-Type": "application/json", **extra}
         h, w = frame.sent
-        call.report(0.05, f"Sending a {w}×{h} image to the {self.engine}")
-        log.debug("%s: sending a %d×%d image (%d KB)", self.engine, w, h, len(content) // 1024)
+        if by_hash:
+            text = f"Sending the request to the {self.engine}, which has the {w}×{h} image"
+        else:
+            text = f"Sending a {w}×{h} image to the {self.engine}"
+        call.report(0.05, text)
+        log.debug("%s (%d KB)", text, len(content) // 1024)
         call.report(0.05, f"Waiting for the {self.engine}", waiting=True)
         creating = self.protocol.creates_prediction
         reply = self.http.send(call, "POST", url, content=content, headers=headers, creating=creating)
-        self.http.check_answer(reply, "POST", url, frame, len(content))
-        payload = self.http.read_json(reply)
-        if self.protocol.answers_prediction:
-            payload, url = self._settle(call, payload, url)
-        return payload, url
+        return reply, url, len(content)
+
+    def _named_here(self, sha256: str) -> bool:
+        """Whether the service said it kept this image (so the request may name it instead of sending it)."""
+        with self._auto_lock:
+            if sha256 in self._named:
+                self._named.move_to_end(sha256)
+                return True
+            return False
+
+    def _remember(self, sha256: str) -> None:
+        with self._auto_lock:
+            self._named[sha256] = None
+            self._named.move_to_end(sha256)
+            while len(self._named) > NAMED_CACHE:
+                self._named.popitem(last=False)
+
+    def _forget(self, sha256: str) -> None:
+        with self._auto_lock:
+            self._named.pop(sha256, None)
 
     def _settle(self, call: Call, prediction: Any, url: str) -> tuple[Any, str]:
         """Follow a cog/replicate prediction object until it ends; cancel it if we give up on the way."""
@@ -320,6 +369,17 @@ class HttpSegmenter:
         if reply.status != 200:
             raise SegmentationMaskURLError(f"The mask at {safe} could not be fetched (HTTP {reply.status}).")
         return reply.body
+
+
+def _image_needed(reply: Reply) -> bool:
+    """A 409 saying the service does not have the image the request named (it wants it sent)."""
+    if reply.status != 409:
+        return False
+    try:
+        body = json.loads(reply.body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(body, dict) and body.get("image_needed") is True
 
 
 def _image_key(image: np.ndarray, params: dict) -> bytes:

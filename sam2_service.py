@@ -5,43 +5,43 @@
 `POST /segment` with `{"image": <base64>, "mode": "auto"}` answers `{"masks": [SAM2 records]}`; with points
 and/or a box it answers the best mask as `{"masks": [record], "mask_url": url | null}`, `mask_url` being the
 old S3 service's answer: the mask as a full-size 0/255 PNG at `sam2-api-masks/YYYYMMDD_HHMMSS_<8 hex>.png`,
-null without S3 or when the upload failed (logged; the answer is still given). `GET /health` names the
-engine, device and model; `/docs` is the OpenAPI page.
+null without S3 or when the upload failed (logged; the answer is still given). An answer also carries
+`image_sha256` when the service kept the image: a later request may then send that hash instead of the
+image, and gets 409 with `"image_needed": true` when this copy no longer has it (service_images).
+`GET /health` names the engine, device and model; `/docs` is the OpenAPI page.
 
 What it guards, in this order: the token (SAM_SERVICE_TOKEN: `Authorization: Bearer`, compared in constant
 time, never logged) and the request size (from MAX_UPLOAD_MB) before the body is read; the pixel count
 (MAX_IMAGE_PIXELS) before pixels are decoded; then SAM_SERVICE_CONCURRENCY inferences at once with up to
 SAM_SERVICE_QUEUE more waiting, and 429 + Retry-After beyond; SAM_SERVICE_TIMEOUT seconds per request, after
 which the engine is told to stop and the caller gets 504. Every refusal is `{"detail": "<a sentence>"}`.
-The service keeps no state between requests except the engine's bounded embedding cache, so any number of
-copies can stand behind a load balancer.
+The service keeps no state between requests except bounded caches (the engine's embeddings, the decoded
+images by hash: SAM_SERVICE_IMAGE_CACHE_MB), which a request can always do without, so any number of copies
+can stand behind a load balancer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import logging
 import math
 import os
+import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-import imaging
 import masks as rle
 from errors import (
     InvalidInput,
@@ -53,11 +53,15 @@ from errors import (
     SegmentationUnavailable,
     StorageError,
 )
+from service_images import ImageStore, UnknownImage, checked_sha256
 from settings import Settings, env_number, host_port
 
 log = logging.getLogger("mask_studio.sam2_service")
 
 BODY_SLACK = 1024 * 1024  # JSON around the base64 image: prompts, params
+# Idle connections stay open longer than Mask Studio's client keeps them (60 s), so the client, not the
+# service, closes them: never a request sent on a connection the service is closing. uvicorn's default is 5 s.
+KEEP_ALIVE = 75
 SEGMENT_PATH = "/segment"
 
 
@@ -71,6 +75,7 @@ class ServiceOptions:
     concurrency: int = 1  # inferences at once: one per GPU is right for SAM2; more only helps on many cores
     queue: int = 8  # requests waiting for an inference slot before 429
     timeout: float = 120.0  # seconds a request may wait and run
+    image_cache_mb: int = 256  # decoded images kept by hash, so prompts need not resend them
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServiceOptions:
@@ -81,6 +86,7 @@ class ServiceOptions:
             concurrency=_or(env_number(env, int, ("SAM_SERVICE_CONCURRENCY",), 1), cls.concurrency),
             queue=_or(env_number(env, int, ("SAM_SERVICE_QUEUE",), 0), cls.queue),
             timeout=_or(env_number(env, float, ("SAM_SERVICE_TIMEOUT",), 0.001), cls.timeout),
+            image_cache_mb=_or(env_number(env, int, ("SAM_SERVICE_IMAGE_CACHE_MB",), 0), cls.image_cache_mb),
         )
 
 
@@ -97,7 +103,14 @@ class SegmentRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    image: str = Field(description="The image file (PNG, JPEG, ...) as base64 or a data: URL.")
+    image: str | None = Field(
+        None, description="The image file (PNG, JPEG, ...) as base64 or a data: URL. Needed unless image_sha256 is."
+    )
+    image_sha256: str | None = Field(
+        None,
+        description="SHA-256 (hex) of the image file. Alone: use the image sent earlier with this hash (409 with "
+        "image_needed when this service does not have it). With image: checked against it.",
+    )
     mode: Literal["auto", "points"] | None = Field(
         None, description="auto: every mask; points: one object. Default: points when points or box are given."
     )
@@ -233,19 +246,25 @@ async def _no_receive() -> dict:
 
 
 def build_service(
-    settings: Settings, segmenter: Any, *, options: ServiceOptions | None = None, s3: Any = None
+    settings: Settings,
+    segmenter: Any,
+    *,
+    options: ServiceOptions | None = None,
+    s3: Any = None,
+    images: ImageStore | None = None,
 ) -> Guard:
-    """The ASGI app serving `segmenter` (any Segmenter); `s3` an s3_store.S3BlobStore or None.
+    """The ASGI app serving `segmenter` (any Segmenter); `s3` an s3_store.S3BlobStore or None; `images` the
+    store of images by hash (default: options.image_cache_mb of them).
 
     It is the FastAPI app (`.app`) behind the token and size guard."""
     options = options or ServiceOptions()
     gate = Gate(options.concurrency, options.queue)
-    images = ImageCache()
+    images = images if images is not None else ImageStore(options.image_cache_mb * 1024 * 1024)
     app = FastAPI(
         title="SAM2 service",
         summary="Mask Studio's segmentation protocol: automatic masks and prompted masks, optional S3 mask PNGs.",
     )
-    app.state.gate = gate
+    app.state.gate, app.state.images = gate, images
     max_body = math.ceil(settings.max_upload_bytes * 4 / 3) + BODY_SLACK
 
     @app.exception_handler(RequestValidationError)
@@ -270,6 +289,10 @@ def build_service(
         detail = f"The service is busy ({gate.limit} requests in progress or waiting); retry in {exc.retry_after} s."
         return JSONResponse({"detail": detail}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
 
+    @app.exception_handler(UnknownImage)
+    async def _unknown_image(request: Request, exc: UnknownImage) -> JSONResponse:
+        return JSONResponse({"detail": exc.message, "image_needed": True}, status_code=409)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         """Whether the engine is ready, and which engine, device and model answer."""
@@ -284,17 +307,26 @@ def build_service(
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.post(SEGMENT_PATH, responses={400: {}, 401: {}, 413: {}, 422: {}, 429: {}, 504: {}})
-    async def segment(request: SegmentRequest) -> dict:
+    @app.post(SEGMENT_PATH, responses={400: {}, 401: {}, 409: {}, 413: {}, 422: {}, 429: {}, 504: {}})
+    async def segment(request: SegmentRequest) -> JSONResponse:
         """Automatic masks (`mode: auto`) or one object's mask (points and/or box)."""
         mode = request.mode or ("points" if request.points or request.box else "auto")
-        image = await run_in_threadpool(images.read, request.image, settings)
+        if mode == "points" and not request.points and not request.box:
+            raise InvalidInput("mode 'points' needs 'points' (with 'point_labels') or a 'box'.")
+        if request.image is not None:
+            sha256, image, kept = await run_in_threadpool(
+                images.received, request.image, request.image_sha256, settings
+            )
+        elif request.image_sha256 is not None:  # a dictionary look-up: no thread hop for it
+            sha256, kept = checked_sha256(request.image_sha256), True
+            image = images.named(sha256)
+        else:
+            raise InvalidInput("The request needs 'image' (base64), or 'image_sha256' naming an image sent before.")
+        known = {"image_sha256": sha256} if kept else {}  # the client may send just the hash next time
         cancel = threading.Event()
         if mode == "auto":
             job: Callable[[], Any] = lambda: segmenter.generate(image, cancel=cancel)  # noqa: E731
         else:
-            if not request.points and not request.box:
-                raise InvalidInput("mode 'points' needs 'points' (with 'point_labels') or a 'box'.")
             points = [list(p) for p in request.points] if request.points else None
             box = list(request.box) if request.box else None
             job = lambda: segmenter.segment(  # noqa: E731
@@ -311,38 +343,11 @@ def build_service(
         if mode == "auto":
             if request.upload and s3 is not None:
                 await run_in_threadpool(_upload_all, s3, result)
-            return {"masks": result}
-        mask_url = await run_in_threadpool(upload_mask, s3, result)
-        return {"masks": [result], "mask_url": mask_url}
+            return JSONResponse({"masks": result, **known})
+        mask_url = await run_in_threadpool(upload_mask, s3, result) if s3 is not None else None
+        return JSONResponse({"masks": [result], "mask_url": mask_url, **known})
 
     return Guard(app, token=options.token, max_body=max_body, max_upload_mb=settings.max_upload_mb)
-
-
-class ImageCache:
-    """The last few decoded images by the hash of their base64 text: every click on an image resends it whole,
-    and decoding it again would cost more than the decoder's answer (a 512² PNG: ~10 ms, a 4 MP JPEG: ~60 ms)."""
-
-    def __init__(self, size: int = 4, max_pixels: int = 16_000_000):
-        self.size, self.max_pixels = size, max_pixels
-        self._items: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def read(self, text: str, settings: Settings) -> np.ndarray:
-        key = hashlib.blake2b(text.encode("ascii", "replace"), digest_size=16).digest()
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-                return hit
-        data = imaging.decode_base64(text, field="image")
-        image = imaging.load_image(data, max_pixels=settings.max_image_pixels, max_bytes=settings.max_upload_bytes)
-        image.flags.writeable = False  # shared by the requests that send the same image
-        if image.shape[0] * image.shape[1] <= self.max_pixels:
-            with self._lock:
-                self._items[key] = image
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
-        return image
 
 
 def status_for(exc: MaskStudioError) -> int:
@@ -419,14 +424,11 @@ def serving(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve `app` with uvicorn on a background thread for the duration of the block; yields its base URL.
 
     port 0 takes a free one. (Tests and benchmarks; `main` runs uvicorn in the foreground.)"""
-    import socket
-
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    sock = listening_socket(host, port)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, timeout_keep_alive=KEEP_ALIVE)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="sam2-service", daemon=True)
     thread.start()
     try:
@@ -440,6 +442,17 @@ def serving(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, for uvicorn to listen on.
+
+    IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections whose socket says it is TCP.
+    Without it each answer's body waited for the client's delayed ACK of its headers: 40 ms per request on Linux."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
 
 
 def main() -> None:
@@ -465,17 +478,18 @@ def main() -> None:
         log.warning("S3 is not used (mask_url will be null): %s", exc.message)
         s3 = None
     log.info(
-        "SAM2 service: %s; S3 %s; token %s; %d at once, %d waiting, %g s per request",
+        "SAM2 service: %s; S3 %s; token %s; %d at once, %d waiting, %g s per request; images cached: %d MB",
         segmenter.engine,
         s3 if s3 is not None else "off",
         "required" if options.token else "not required",
         options.concurrency,
         options.queue,
         options.timeout,
+        options.image_cache_mb,
     )
     app = build_service(settings, segmenter, options=options, s3=s3)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=KEEP_ALIVE)
     finally:
         segmenter.close()
 

@@ -53,6 +53,9 @@ MAX_MASK_BYTES = 16 * 1024 * 1024
 TICK = 0.05  # how often the caller's thread looks at cancel / deadline
 PROGRESS_EVERY = 0.5
 GRACE = 1.0  # the worker's own timeouts fire first and say more; this is the backstop
+# An idle connection is kept this long (httpx's default is 5 s): people click seconds apart, and each click
+# should not open a connection (and, through a proxy, a TLS session). sam2_service keeps its side open longer.
+KEEPALIVE = 60.0
 
 T = TypeVar("T")
 
@@ -221,7 +224,7 @@ class ServiceHttp:
             transport=transport,
             timeout=httpx.Timeout(self.timeout, connect=self._connect_timeout),
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=8, max_keepalive_connections=4),
+            limits=httpx.Limits(max_connections=8, max_keepalive_connections=4, keepalive_expiry=KEEPALIVE),
             headers={"User-Agent": "mask-studio"},
         )
 

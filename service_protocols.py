@@ -3,15 +3,17 @@
 A protocol says what the HTTP client cannot guess: where the request goes and with which headers, the
 request body, whether the answer is a prediction to follow until it ends (cog, replicate), whether the
 POST creates a paid prediction that must be cancelled if we give up (replicate), which extra hosts its
-files live on, and whether it can segment from prompts at all (only mask-studio). Documented in
-docs/sam2-protocol.md.
+files live on, whether it can segment from prompts at all and whether a request may name an image the
+service already has by its SHA-256 instead of sending it (only mask-studio). Documented in docs/sam2-protocol.md.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,16 @@ PREFER_WAIT_MARGIN = 5.0  # ...and we ask it to answer this long before SAM_API_
 Endpoint = Callable[[str], str]  # SAM_API_URL with a suffix added to its path
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The image as sent: the file's bytes, its type, its sizes, and its SHA-256 (how the service names it)."""
+
+    data: bytes
+    mime: str
+    frame: Frame
+    sha256: str
+
+
 class ServiceProtocol:
     """The mask-studio protocol (Mask Studio's own): POST {url}/segment, masks in the answer, prompts taken."""
 
@@ -36,26 +48,33 @@ class ServiceProtocol:
     answers_prediction = False  # the answer is a prediction object to follow until it ends
     creates_prediction = False  # the POST starts a paid prediction, cancelled if we give up
     file_hosts: tuple[str, ...] = ()  # hosts its mask files live on, besides the service's own
+    names_images = True  # a request may carry image_sha256 alone for an image the service said it kept
 
     def target(self, endpoint: Endpoint, settings: Settings) -> tuple[str, dict[str, str]]:
         """Where the POST goes, and the headers this protocol adds."""
         path = settings.sam_api_segment_path or "/segment"
         return endpoint(path if path.startswith("/") else "/" + path), {}
 
-    def auto_body(self, data: bytes, mime: str, params: dict) -> dict[str, Any]:
-        return {"image": base64.b64encode(data).decode("ascii"), "mode": "auto", "params": params}
+    def auto_body(self, image: Prepared, params: dict, *, by_hash: bool = False) -> dict[str, Any]:
+        return {**self._image(image, by_hash=by_hash), "mode": "auto", "params": params}
 
-    def prompt_body(self, data: bytes, frame: Frame, points, labels, box) -> dict[str, Any]:
-        """Prompts in original-image pixels, scaled to the image as sent."""
-        (H, W), (h, w) = frame.orig, frame.sent
+    def prompt_body(self, image: Prepared, points, labels, box, *, by_hash: bool = False) -> dict[str, Any]:
+        """Prompts in original-image pixels, scaled to the image as sent; by_hash: the image named, not sent."""
+        (H, W), (h, w) = image.frame.orig, image.frame.sent
         sx, sy = w / W, h / H
-        body: dict[str, Any] = {"image": base64.b64encode(data).decode("ascii"), "mode": "points"}
+        body: dict[str, Any] = {**self._image(image, by_hash=by_hash), "mode": "points"}
         if points:
             body["points"] = [[x * sx, y * sy] for x, y in points]
             body["point_labels"] = labels
         if box:
             body["box"] = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
         return body
+
+    @staticmethod
+    def _image(image: Prepared, *, by_hash: bool) -> dict[str, str]:
+        if by_hash:
+            return {"image_sha256": image.sha256}
+        return {"image": base64.b64encode(image.data).decode("ascii"), "image_sha256": image.sha256}
 
 
 class CogProtocol(ServiceProtocol):
@@ -64,14 +83,15 @@ class CogProtocol(ServiceProtocol):
     name = "cog"
     prompts_natively = False
     answers_prediction = True
+    names_images = False
 
     def target(self, endpoint: Endpoint, settings: Settings) -> tuple[str, dict[str, str]]:
         return endpoint("/predictions"), {}
 
-    def auto_body(self, data: bytes, mime: str, params: dict) -> dict[str, Any]:
-        return {"input": {"image": data_url(data, mime), **params}}
+    def auto_body(self, image: Prepared, params: dict, *, by_hash: bool = False) -> dict[str, Any]:
+        return {"input": {"image": data_url(image.data, image.mime), **params}}
 
-    def prompt_body(self, data: bytes, frame: Frame, points, labels, box) -> dict[str, Any]:
+    def prompt_body(self, image: Prepared, points, labels, box, *, by_hash: bool = False) -> dict[str, Any]:
         raise InvalidInput(f"The {self.name} protocol cannot segment from prompts; pick among its automatic masks.")
 
 
@@ -95,7 +115,7 @@ def prefer_wait(timeout: float) -> int:
     return max(1, min(PREFER_WAIT_MAX, int(timeout - PREFER_WAIT_MARGIN)))
 
 
-def prepare_image(image: np.ndarray, settings: Settings) -> tuple[bytes, str, Frame]:
+def prepare_image(image: np.ndarray, settings: Settings) -> Prepared:
     """The image as the service will get it: downscaled to SAM_MAX_SIDE, PNG (small) or JPEG (large)."""
     H, W = image.shape[:2]
     scale = min(1.0, settings.sam_max_side / max(H, W))
@@ -111,7 +131,9 @@ def prepare_image(image: np.ndarray, settings: Settings) -> tuple[bytes, str, Fr
         im.save(buf, format="JPEG", quality=95, subsampling=0)
         mime = "image/jpeg"
     max_pixels = max(settings.max_image_pixels, H * W)
-    return buf.getvalue(), mime, Frame(orig=(H, W), sent=(h, w), max_pixels=max_pixels)
+    data = buf.getvalue()
+    frame = Frame(orig=(H, W), sent=(h, w), max_pixels=max_pixels)
+    return Prepared(data, mime, frame, hashlib.sha256(data).hexdigest())
 
 
 def data_url(data: bytes, mime: str) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
 import re
+import socket
 import threading
 
 import httpx
@@ -278,9 +280,15 @@ def test_bad_requests_get_a_sentence(service, photo, body, status, words):
 
 def test_options_from_env():
     options = sam2_service.ServiceOptions.from_env(
-        {"SAM_SERVICE_TOKEN": " t ", "SAM_SERVICE_CONCURRENCY": "2", "SAM_SERVICE_TIMEOUT": "9.5"}
+        {
+            "SAM_SERVICE_TOKEN": " t ",
+            "SAM_SERVICE_CONCURRENCY": "2",
+            "SAM_SERVICE_TIMEOUT": "9.5",
+            "SAM_SERVICE_IMAGE_CACHE_MB": "64",
+        }
     )
     assert (options.token, options.concurrency, options.queue, options.timeout) == ("t", 2, 8, 9.5)
+    assert options.image_cache_mb == 64 and sam2_service.ServiceOptions.from_env({}).image_cache_mb == 256
     assert "t" not in repr(options).replace("timeout", "").replace("ServiceOptions", "")
     with pytest.raises(Exception, match="SAM_SERVICE_QUEUE"):
         sam2_service.ServiceOptions.from_env({"SAM_SERVICE_QUEUE": "-1"})
@@ -314,3 +322,26 @@ def test_sam2_engine_behind_the_service(photo):
             np.testing.assert_array_equal(got, expected)
             over_http = client.generate(photo)
         assert [m.sum() for m in decoded(over_http)] == [m.sum() for m in decoded(engine.generate(photo))]
+
+
+def test_connections_to_the_service_send_without_waiting_for_acks():
+    """TCP_NODELAY on each accepted connection, as uvicorn's asyncio server makes them (without it every answer
+    waited for the client's delayed ACK of its headers)."""
+    flags: list[int] = []
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport):
+            flags.append(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    async def accept_one() -> None:
+        sock = sam2_service.listening_socket("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname())
+            while not flags:
+                await asyncio.sleep(0.01)
+            writer.close()
+
+    asyncio.run(asyncio.wait_for(accept_one(), 10))
+    assert flags[0] != 0
