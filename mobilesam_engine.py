@@ -58,9 +58,8 @@ class MobileSamSegmenter(PromptModelSegmenter):
         if max_masks < 1:
             raise InvalidInput(f"max_masks must be at least 1, got {max_masks}.")
         try:
+            import mobilesam_model  # noqa: I001 - first: it sets how torch's threads wait before torch loads
             import torch
-
-            import mobilesam_model
         except ImportError as exc:
             raise SegmentationUnavailable(
                 f"MobileSAM needs PyTorch, which is not installed ({exc}). Install it with: pip install torch==2.13.0"

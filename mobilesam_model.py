@@ -26,15 +26,21 @@ logits > 0.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+# torch's OpenMP threads sleep when idle instead of spinning (read once, when torch loads its OpenMP runtime, so
+# only when torch is not imported yet; a value already set wins): prompts alternate torch and onnxruntime work,
+# and spinning threads of one starve the other's on a small CPU (see mobilesam_onnx._session).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 IMAGE_SIZE = 1024  # the encoder's square input
 EMBED_SIZE = 64  # the embedding's side
