@@ -107,10 +107,14 @@ class Ingest:
         engine: str,
         say: Progress,
         name: str | None = None,
+        on_decoded: Callable[[np.ndarray], object] | None = None,
     ) -> tuple[Loaded, dict]:
         """The picture stored with no masks yet (they follow through `add_masks`): its cache entry and summary.
-        The automatic pass that will follow is counted as a segmentation now."""
+        The automatic pass that will follow is counted as a segmentation now. `on_decoded(rgb)` is called once
+        the picture is decoded and admitted, before it is stored (to start work that needs only the pixels)."""
         image_id, rgb = self._admit(data, image_id, owner, address, say)
+        if on_decoded is not None:
+            on_decoded(rgb)
         return self._commit(image_id, owner, rgb, [], engine, say, name)
 
     def _admit(

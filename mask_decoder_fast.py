@@ -78,7 +78,7 @@ def _image_to_tokens(attn, scores: torch.Tensor, keys: torch.Tensor, tokens_v: t
     rows = torch.matmul(v, wo.transpose(1, 2)) + attn.out_proj.bias / HEADS  # B×H×T×C
     b, h, p, t = weights.shape
     mixed = weights.permute(0, 2, 1, 3).reshape(b, p, h * t)
-    return torch.baddbmm(keys.expand(b, -1, -1), mixed, rows.reshape(b, h * t, -1))
+    return keys + torch.matmul(mixed, rows.reshape(b, h * t, -1))  # keys broadcast: never copied per prompt
 
 
 def _i2t_scores(attn, image: torch.Tensor, tokens_k: torch.Tensor) -> torch.Tensor:

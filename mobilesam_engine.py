@@ -22,7 +22,7 @@ log = logging.getLogger("mask_studio.mobilesam")
 
 ENGINE_MOBILESAM = "MobileSAM (in-process, CPU)"
 THREADS = 2  # a small CPU box: more threads than cores only adds contention
-RUNTIME = "onnx"  # the decoder on onnxruntime (about twice torch's speed here), or "torch"
+RUNTIME = "onnx"  # encoder and decoder on onnxruntime (about twice torch's speed here), or "torch"
 CACHE_BYTES = 48 * 4 * 1024 * 1024  # 48 embeddings of 4 MB in memory
 DISK_CACHE_BYTES = 256 * 4 * 1024 * 1024  # 256 on disk
 
@@ -51,16 +51,15 @@ class MobileSamSegmenter(PromptModelSegmenter):
         """Obtain the weights (downloading once when needed) and load the model, or raise
         SegmentationUnavailable saying why (no torch, no weights, a file that is not a MobileSAM checkpoint).
 
-        runtime: "onnx" runs the decoder on onnxruntime (exported once into models_dir; torch when that fails,
-        with a log line), "torch" keeps it in torch."""
+        runtime: "onnx" runs the image encoder and the decoder on onnxruntime (each exported once into
+        models_dir; torch for a part whose export fails, with a log line), "torch" keeps both in torch."""
         import model_weights
 
         if max_masks < 1:
             raise InvalidInput(f"max_masks must be at least 1, got {max_masks}.")
         try:
+            import mobilesam_model  # noqa: I001 - first: it sets how torch's threads wait before torch loads
             import torch
-
-            import mobilesam_model
         except ImportError as exc:
             raise SegmentationUnavailable(
                 f"MobileSAM needs PyTorch, which is not installed ({exc}). Install it with: pip install torch==2.13.0"
@@ -74,6 +73,7 @@ class MobileSamSegmenter(PromptModelSegmenter):
         if runtime == "onnx":
             import mobilesam_onnx
 
+            mobilesam_onnx.attach_encoder(model, Path(models_dir), digest)
             mobilesam_onnx.attach(model, Path(models_dir), digest)
         disk = DiskStore(
             Path(models_dir) / "embeddings" / digest[:12],

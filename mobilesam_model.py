@@ -26,15 +26,21 @@ logits > 0.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+# torch's OpenMP threads sleep when idle instead of spinning (read once, when torch loads its OpenMP runtime, so
+# only when torch is not imported yet; a value already set wins): prompts alternate torch and onnxruntime work,
+# and spinning threads of one starve the other's on a small CPU (see mobilesam_onnx._session).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 IMAGE_SIZE = 1024  # the encoder's square input
 EMBED_SIZE = 64  # the embedding's side
@@ -477,12 +483,14 @@ class MobileSam:
 
     fast_decoder: decode with mask_decoder_fast (the default; the same function rearranged, ~2× less CPU per
     prompt) or with the plain MaskDecoder module (the reference the fast one is tested against). The fast
-    decoder runs on onnxruntime once mobilesam_onnx.attach has given the model one (`onnx_decoder`)."""
+    decoder runs on onnxruntime once mobilesam_onnx.attach has given the model one (`onnx_decoder`), the image
+    encoder once mobilesam_onnx.attach_encoder has (`onnx_encoder`)."""
 
     def __init__(self, net: MobileSamNet, *, fast_decoder: bool = True):
         self.net = net.eval()
         self.fast_decoder = fast_decoder
         self.onnx_decoder = None  # mobilesam_onnx.attach sets it: the fast decoder on onnxruntime
+        self.onnx_encoder = None  # mobilesam_onnx.attach_encoder sets it: the image encoder on onnxruntime
         self._shared: OrderedDict[int, tuple[torch.Tensor, object]] = OrderedDict()
         self._shared_lock = threading.Lock()
         for module in net.modules():
@@ -505,7 +513,7 @@ class MobileSam:
         with torch.inference_mode():
             x = (torch.from_numpy(resized).permute(2, 0, 1).float() - self._mean) / self._std
             x = F.pad(x, (0, IMAGE_SIZE - in_w, 0, IMAGE_SIZE - in_h))[None]
-            features = self.net.image_encoder(x)
+            features = self.net.image_encoder(x) if self.onnx_encoder is None else self.onnx_encoder(x)
         return Embedding(features.contiguous(), (height, width), (in_h, in_w))
 
     def decode(
@@ -579,6 +587,14 @@ class MobileSam:
         height, width = emb.original_size
         rows, cols = -(-in_h * LOW_RES // IMAGE_SIZE), -(-in_w * LOW_RES // IMAGE_SIZE)
         return rows, cols, in_w / width * LOW_RES / IMAGE_SIZE, in_h / height * LOW_RES / IMAGE_SIZE
+
+    def full_masks(self, emb: Embedding, low_res_logits: np.ndarray) -> np.ndarray:
+        """Low-res logits M×256×256 → boolean masks M×H×W, `to_full(...) > 0` computed only inside the window
+        each mask can reach (mask_upscale: a fraction of the cost for a mask covering a fraction of the picture)."""
+        import mask_upscale
+
+        geometry = mask_upscale.Geometry(LOW_RES, IMAGE_SIZE, emb.input_size, emb.original_size)
+        return mask_upscale.full_masks(np.asarray(low_res_logits, np.float32), geometry)
 
     def to_full(self, emb: Embedding, low_res_logits: np.ndarray) -> np.ndarray:
         """Low-res logits M×256×256 → logits M×H×W at the original size (mask = logits > 0)."""

@@ -1,49 +1,76 @@
-"""MobileSAM's mask decoder on onnxruntime: the rearranged decoder (mask_decoder_fast) exported once, then cached.
+"""MobileSAM's image encoder and mask decoder on onnxruntime: each exported once per checkpoint, then cached.
 
-Why: onnxruntime runs the same graph about twice as fast as torch on a small CPU (fused element-wise work,
-its own matrix kernels; measured 86 against 183 ms CPU per prompt in one run). The export is written on the
-first load to `<models_dir>/mobilesam_decoder_<checkpoint sha256[:12]>.onnx` (a new checkpoint gets its own
-file; written under a temporary name and renamed, so a half-written file never sits under the final name).
-Every load checks the session against torch on one prompt (logits within 1e-3): a damaged or stale file, a
-failed export or a missing onnxruntime leaves the torch decoder in charge, with a log line saying why.
+Why: onnxruntime runs the same graphs about twice as fast as torch on a small CPU (fused element-wise work,
+its own matrix kernels; measured 86 against 183 ms CPU per prompt for the decoder, 2.9 against 5.7 s CPU for
+the encoder at 1024² in one run). Each export is written on the first load to
+`<models_dir>/mobilesam_encoder_<checkpoint sha256[:12]>.onnx` and `mobilesam_decoder_<sha256[:12]>_<GRAPH_VERSION>
+.onnx` (a new checkpoint, or a changed decoder graph, gets its own file; written under a temporary name and
+renamed, so a half-written file never sits under the final name). Every
+load checks each session against torch on one input (the decoder's logits within 1e-3, the encoder's
+features within 1e-3): a damaged or stale file, a failed export or a missing onnxruntime leaves that part in
+torch, with a log line saying why. The decoder is the rearranged one (mask_decoder_fast).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import mask_decoder_fast
+from mobilesam_model import IMAGE_SIZE
 
 log = logging.getLogger("mask_studio.mobilesam")
 
 THREADS = 2  # a small CPU box: more threads than cores only adds contention
 INPUTS = ("src", "pe", "k1", "v1", "q1", "sparse")
 CHECK_TOLERANCE = 1e-3
+GRAPH_VERSION = "g2"  # in the decoder's file name: a changed mask_decoder_fast gets exported afresh
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # an arena keeps its peak (GBs after a batch of 64 prompts)
+    # Idle worker threads sleep instead of spinning: a click alternates torch and onnxruntime work, and threads of
+    # one spinning on 2 cores starve the other's (measured: a click 243 → 96 ms, an encoding 6.3 → 2.9 s, with
+    # OMP_WAIT_POLICY=PASSIVE for torch's threads, set in mobilesam_model).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxDecoder:
     """mask_decoder_fast.decode on an onnxruntime session: (Shared, sparse N×T×C) → (logits, iou) tensors."""
 
     def __init__(self, path: Path):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = THREADS
-        options.inter_op_num_threads = 1
-        options.enable_cpu_mem_arena = False  # an arena keeps its peak (GBs after a batch of 64 prompts)
         self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = _session(path)
 
     def __call__(self, shared: mask_decoder_fast.Shared, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tensors = (shared.src, shared.pe, shared.k1, shared.v1, shared.q1, sparse)
         feed = {name: np.ascontiguousarray(t.numpy()) for name, t in zip(INPUTS, tensors, strict=True)}
         logits, iou = self.session.run(None, feed)
         return torch.from_numpy(logits), torch.from_numpy(iou)
+
+
+class OnnxEncoder:
+    """The image encoder on an onnxruntime session: normalised, padded pixels 1×3×1024² → features 1×256×64²."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.session = _session(path)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        (features,) = self.session.run(None, {"pixels": np.ascontiguousarray(pixels.numpy())})
+        return torch.from_numpy(features)
 
 
 class _Graph(torch.nn.Module):
@@ -56,45 +83,81 @@ class _Graph(torch.nn.Module):
 
 
 def cached_path(models_dir: Path, checkpoint_sha256: str) -> Path:
-    return Path(models_dir) / f"mobilesam_decoder_{checkpoint_sha256[:12]}.onnx"
+    """Where the decoder's export for this checkpoint is kept."""
+    return Path(models_dir) / f"mobilesam_decoder_{checkpoint_sha256[:12]}_{GRAPH_VERSION}.onnx"
+
+
+def encoder_path(models_dir: Path, checkpoint_sha256: str) -> Path:
+    """Where the image encoder's export for this checkpoint is kept."""
+    return Path(models_dir) / f"mobilesam_encoder_{checkpoint_sha256[:12]}.onnx"
+
+
+def _write(path: Path, module: torch.nn.Module, args: tuple, **names) -> None:
+    """torch.onnx.export under a temporary name, then renamed into place."""
+    part = path.with_suffix(f".part{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+            torch.onnx.export(module, args, str(part), dynamo=False, opset_version=17, **names)
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def export(model, path: Path) -> None:
     """Write the decoder graph of `model` (a mobilesam_model.MobileSam) to `path` (batch and token axes free)."""
-    import warnings
-
     emb_side = model._image_pe.shape[-1]
     features = torch.zeros(1, model._image_pe.shape[1], emb_side, emb_side)
     with torch.inference_mode():
         shared = mask_decoder_fast.share(model.net.mask_decoder, features, model._image_pe, model._dense)
     sparse = torch.zeros(2, 2, features.shape[1])
     args = (shared.src, shared.pe, shared.k1, shared.v1, shared.q1, sparse)
-    part = path.with_suffix(f".part{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-        torch.onnx.export(
-            _Graph(model.net.mask_decoder, emb_side), args, str(part), dynamo=False, opset_version=17,
-            input_names=list(INPUTS), output_names=["logits", "iou"],
-            dynamic_axes={"sparse": {0: "n", 1: "t"}, "logits": {0: "n"}, "iou": {0: "n"}},
-        )  # fmt: skip
-    os.replace(part, path)
+    _write(
+        path, _Graph(model.net.mask_decoder, emb_side), args,
+        input_names=list(INPUTS), output_names=["logits", "iou"],
+        dynamic_axes={"sparse": {0: "n", 1: "t"}, "logits": {0: "n"}, "iou": {0: "n"}},
+    )  # fmt: skip
+
+
+def export_encoder(model, path: Path) -> None:
+    """Write the image encoder of `model` to `path` (fixed 1×3×1024² input, as the model always feeds it)."""
+    pixels = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    _write(path, model.net.image_encoder, (pixels,), input_names=["pixels"], output_names=["features"])
 
 
 def attach(model, models_dir: Path, checkpoint_sha256: str) -> bool:
     """Give `model` the onnxruntime decoder (exporting it once); False, with a log line, when torch stays."""
-    path = cached_path(models_dir, checkpoint_sha256)
-    try:
-        if not path.is_file():
-            log.info("Exporting the MobileSAM decoder for onnxruntime to %s (once) ...", path)
-            export(model, path)
-        decoder = OnnxDecoder(path)
-        _check(model, decoder)
-    except Exception as exc:  # noqa: BLE001 - any failure here only means: keep the torch decoder
-        log.warning("MobileSAM runs its decoder in torch: the onnxruntime decoder (%s) is unusable: %s", path, exc)
+    decoder = _load("decoder", cached_path(models_dir, checkpoint_sha256), export, OnnxDecoder, _check, model)
+    if decoder is None:
         return False
     model.onnx_decoder = decoder
     return True
+
+
+def attach_encoder(model, models_dir: Path, checkpoint_sha256: str) -> bool:
+    """Give `model` the onnxruntime image encoder (exporting it once); False, with a log line, when torch stays."""
+    path = encoder_path(models_dir, checkpoint_sha256)
+    encoder = _load("image encoder", path, export_encoder, OnnxEncoder, _check_encoder, model)
+    if encoder is None:
+        return False
+    model.onnx_encoder = encoder
+    return True
+
+
+def _load(part: str, path: Path, write: Callable, session: Callable, check: Callable, model):
+    """The checked session for one part of the model, exporting it first when its file is missing; None (and a
+    log line) when anything fails."""
+    try:
+        if not path.is_file():
+            log.info("Exporting the MobileSAM %s for onnxruntime to %s (once) ...", part, path)
+            write(model, path)
+        loaded = session(path)
+        check(model, loaded)
+    except Exception as exc:  # noqa: BLE001 - any failure here only means: keep torch for this part
+        log.warning("MobileSAM runs its %s in torch: the onnxruntime one (%s) is unusable: %s", part, path, exc)
+        return None
+    return loaded
 
 
 def _check(model, decoder: OnnxDecoder) -> None:
@@ -107,6 +170,20 @@ def _check(model, decoder: OnnxDecoder) -> None:
         sparse = model.net.prompt_encoder(torch.tensor([[[300.0, 500.0]]]), torch.tensor([[1]]), None)
         expected, _ = mask_decoder_fast.decode(model.net.mask_decoder, shared, sparse)
     got, _ = decoder(shared, sparse)
+    _compare("logits", got, expected)
+
+
+def _check_encoder(model, encoder: OnnxEncoder) -> None:
+    """The session must give torch's features for one input (random pixels, so every weight takes part)."""
+    pixels = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model.net.image_encoder(pixels)
+    _compare("features", encoder(pixels), expected)
+
+
+def _compare(what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    if got.shape != expected.shape:
+        raise ValueError(f"its {what} have shape {tuple(got.shape)}, torch's {tuple(expected.shape)}")
     diff = float((got - expected).abs().max())
     if not diff < CHECK_TOLERANCE:
-        raise ValueError(f"its logits differ from torch's by {diff:.2g}")
+        raise ValueError(f"its {what} differ from torch's by {diff:.2g}")

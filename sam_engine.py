@@ -5,7 +5,8 @@ knows which model it drives (MobileSAM: mobilesam_engine; SAM 2: sam2_engine):
 - `embed(rgb uint8 HxWx3) -> embedding` (with `nbytes`): the costly step, once per image;
 - `decode(emb, points [N,K,2] (x, y) original pixels | None, labels [N,K] (1 include, 0 exclude, -1 pad) | None,
   boxes [N,4] | None, multimask=True) -> (low-res logits [N,3,L,L], predicted IoU [N,3])` (N×1 without multimask);
-- `to_full(emb, low_res [M,L,L]) -> logits [M,H,W]` at the original size (mask = logits > 0).
+- `to_full(emb, low_res [M,L,L]) -> logits [M,H,W]` at the original size (mask = logits > 0); a model may also
+  have `full_masks(emb, low_res) -> bool [M,H,W]`, the same masks computed faster (prompts use it when present).
 
 How prompts are answered:
 - one embedding per image, cached by the pixels' hash and shared by every session (embedding_cache), so after
@@ -153,11 +154,10 @@ class PromptModelSegmenter:
         low, iou = self.model.decode(emb, pts, lab, boxes, multimask=multimask)
         check_cancel(cancel)
         order = np.argsort(-iou[0], kind="stable")  # better first: it survives a merge
-        logits = np.asarray(self.model.to_full(emb, low[0][order]))
+        masks = full_masks(self.model, emb, low[0][order])
         point = [[float(x), float(y)] for (x, y), lab in zip(points or [], labels or []) if lab == 1] or None
         kept: list[tuple[np.ndarray, dict]] = []
-        for k, full in zip(order, logits):
-            mask = full > 0
+        for k, mask in zip(order, masks):
             if mask.any() and all(mask_iou(mask, other) < DUPLICATE_IOU for other, _ in kept):
                 stability = float(auto_masks.stability_score(low[0][k : k + 1], 0.0, STABILITY_OFFSET)[0])
                 kept.append((mask, mask_record(mask, float(iou[0][k]), stability, point, image.shape[:2])))
@@ -184,6 +184,15 @@ def run_here(fn: Callable[..., Any], *args: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers, shared with the automatic pass.
+
+
+def full_masks(model: Any, emb: Any, low_res_logits: np.ndarray) -> np.ndarray:
+    """Boolean masks M×H×W at the original size: the model's own `full_masks` when it has one (computed only
+    where each mask can be), else `to_full(...) > 0`."""
+    fast = getattr(model, "full_masks", None)
+    if fast is not None:
+        return np.asarray(fast(emb, low_res_logits))
+    return np.asarray(model.to_full(emb, low_res_logits)) > 0
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

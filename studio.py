@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import logging
 import threading
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from publish import MaskPublisher
 from quotas import Quotas
 from s3_store import S3BlobStore
 from sam2_responses import answer_from_masks
-from segmenter import Progress, Segmenter, streaming_engine
+from segmenter import Progress, SamEngine, Segmenter, streaming_engine
 from settings import Settings
 from storage import BlobStore, Database, ImageRow, MaskRow
 from thumbnails import SHOWN as SHOWN_THUMBNAILS
@@ -53,6 +54,32 @@ MAX_LIST = 1000
 
 def _silent(fraction: float, text: str) -> None:
     pass
+
+
+class _Prepare:
+    """engine.prepare(rgb) on a thread of its own, started when an upload is decoded; `wait` for it after."""
+
+    def __init__(self, engine: SamEngine):
+        self.engine = engine
+        self.future: Future[None] = Future()
+
+    def start(self, rgb: np.ndarray) -> None:
+        threading.Thread(target=self._run, args=(rgb,), name="encode-upload", daemon=True).start()
+
+    def _run(self, rgb: np.ndarray) -> None:
+        try:
+            self.engine.prepare(rgb)
+            self.future.set_result(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            self.future.set_exception(exc)
+
+    def wait(self, image_id: str) -> None:
+        """Until the embedding is ready; an error of ours is only logged: the picture is stored and the automatic
+        pass tries again (and says why if it fails); any other error is raised here."""
+        try:
+            self.future.result()
+        except MaskStudioError as exc:
+            log.warning("Could not encode image %s for clicks: %s", image_id, exc.message)
 
 
 def _scope(owner: object) -> Scope:
@@ -166,12 +193,10 @@ class Studio:
             )
             return {**summary, "pending": False}
         say = progress or _silent
-        loaded, summary = self.ingest.store_image(data, image_id, owner, address, engine.engine, say, name)
+        prep = _Prepare(engine)  # started once decoded: the encoder runs while the picture is stored
+        loaded, summary = self.ingest.store_image(data, image_id, owner, address, engine.engine, say, name, prep.start)
         say(0.9, "Encoding the picture for clicks")
-        try:
-            engine.prepare(loaded.rgb)
-        except MaskStudioError as exc:  # the picture is stored: the pass tries again and says why if it fails
-            log.warning("Could not encode image %s for clicks: %s", loaded.row.id, exc.message)
+        prep.wait(loaded.row.id)
         self.passes.start(loaded.row.id, functools.partial(self.ingest.store_pass, engine, loaded.row, loaded.rgb))
         return {**summary, "pending": True}
 

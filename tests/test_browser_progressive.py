@@ -29,6 +29,8 @@ def app(tmp_path_factory):
     weights, _ = model_weights.resolve(None, ROOT / "models")
     models_dir = tmp_path_factory.mktemp("models")
     (models_dir / model_weights.FILE_NAME).symlink_to(weights)
+    for export in (ROOT / "models").glob("mobilesam_*.onnx"):  # onnxruntime exports made earlier: not made again
+        (models_dir / export.name).symlink_to(export.resolve())
     seg = MobileSamSegmenter.load(checkpoint=None, models_dir=models_dir, max_masks=64)
     with running_app(tmp_path_factory.mktemp("data"), seg, max_masks=64) as (url, studio, _):
         yield url, studio

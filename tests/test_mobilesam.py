@@ -35,6 +35,8 @@ def seg(weights, tmp_path_factory) -> MobileSamSegmenter:
     # a private models folder holding a link to the shared weights: the disk cache of embeddings goes there
     models_dir = tmp_path_factory.mktemp("models")
     (models_dir / model_weights.FILE_NAME).symlink_to(weights)
+    for export in MODELS.glob("mobilesam_*.onnx"):  # onnxruntime exports made earlier: not exported again
+        (models_dir / export.name).symlink_to(export.resolve())
     segmenter = MobileSamSegmenter.load(checkpoint=None, models_dir=models_dir, max_masks=32)
     yield segmenter
     segmenter.close()
@@ -126,6 +128,10 @@ def test_bad_prompts_are_refused_with_the_shared_messages(seg):
         seg.segment(data.astronaut(), points=[[600, 10]], point_labels=[1])
     with pytest.raises(InvalidInput, match="at least one include point"):
         seg.segment(data.astronaut())
+
+
+def test_the_engine_runs_encoder_and_decoder_on_onnxruntime(seg):
+    assert seg.model.onnx_encoder is not None and seg.model.onnx_decoder is not None
 
 
 def test_prepare_computes_the_embedding_once(seg):

@@ -45,6 +45,8 @@ def segmenter(tmp_path_factory):
     assert official
     models_dir = tmp_path_factory.mktemp("models")
     (models_dir / model_weights.FILE_NAME).symlink_to(weights)
+    for export in (ROOT / "models").glob("mobilesam_*.onnx"):  # onnxruntime exports made earlier: not made again
+        (models_dir / export.name).symlink_to(export.resolve())
     seg = MobileSamSegmenter.load(checkpoint=None, models_dir=models_dir, max_masks=64)
     yield seg
     seg.close()
