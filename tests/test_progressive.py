@@ -117,7 +117,7 @@ def test_the_upload_shows_the_picture_and_its_embedding_is_ready_before_the_pass
     rgb = data.astronaut()
     out = upload(handlers, rgb, "astronaut-a.png")
     state, composite, gallery = out[0], out[1], out[4]
-    timer, progress = out[10], out[11]
+    timer, progress = out[-3], out[-2]  # the pass watch comes last
     assert state.image_id and composite["visible"] and Path(composite["value"]).is_file()
     assert image_key(rgb) in studio.segmenter.cache  # a click costs only the decoder from now on
     status = studio.pass_status(state.image_id, "local")
