@@ -95,7 +95,7 @@ def generate(
             if batch:
                 yields.append((len(batch), state.decode(batch)))
                 report(0.95 * state.prompts / PROMPT_BUDGET, f"{len(state.accepted)} masks found so far")
-                if state.prompts >= MIN_PROMPTS and _stalled(yields):
+                if state.prompts >= MIN_PROMPTS and stalled(yields):
                     break
         new = state.finish_stage(cancel)
         records.extend(new)
@@ -105,14 +105,15 @@ def generate(
     return records
 
 
-def _stalled(yields: list[tuple[int, int]]) -> bool:
-    """True when the stage's last STALL_PROMPTS prompts added fewer than STALL_MASKS masks: the picture has
-    given what this scale can find (a plain photo stops early; a cluttered one keeps adding and goes on)."""
-    prompts = masks_found = 0
-    for n, found in reversed(yields):
-        prompts, masks_found = prompts + n, masks_found + found
-        if prompts >= STALL_PROMPTS:
-            return masks_found < STALL_MASKS
+def stalled(yields: list[tuple[int, int]], window: int = STALL_PROMPTS, least: int = STALL_MASKS) -> bool:
+    """True when the last `window` prompts of `yields` ((prompts, new masks) per batch, oldest first) found
+    fewer than `least` masks: the picture has given what this scale can find (a plain photo stops early; a
+    cluttered one keeps adding and goes on). False while fewer than `window` prompts were spent."""
+    prompts = found = 0
+    for n, new in reversed(yields):
+        prompts, found = prompts + n, found + new
+        if prompts >= window:
+            return found < least
     return False
 
 
