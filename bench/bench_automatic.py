@@ -1,10 +1,11 @@
 """Benchmark: the fast automatic pass (auto_masks) against SAM's standard generator (amg_reference), same run.
 
-Per photo (scikit-image's photos and three of Gradio's sample photos, resized so the longest side is 1024): the time of each, encoder included;
-the ratio; the masks each found; recall = the share of the standard generator's masks (≥ 0.1 % of the image)
-that one of ours matches at IoU ≥ 0.8. The tuning set (astronaut, coffee and Gradio's groot, tower, cheetah)
-was used to tune the fast pass; the held-out set (chelsea, rocket, camera, motorcycle, coins) never was, and
-their figures are printed apart. Targets: ≤ 5 s median, ≥ 12× faster, recall ≥ 0.85.
+Per photo (scikit-image's photos and three of Gradio's sample photos, resized so the longest side is 1024):
+the time of each, encoder included; the ratio; the masks each found; recall = the share of the standard
+generator's masks (≥ 0.1 % of the image) that one of ours matches at IoU ≥ 0.8. The tuning set (astronaut,
+coffee and Gradio's groot, tower, cheetah) was used to tune the fast pass; the held-out set (chelsea, rocket,
+camera, motorcycle, coins) never was, and their figures are printed apart.
+Targets: ≤ 5 s median, ≥ 12× faster, recall ≥ 0.85.
 
 Run: /work/main/.venv/bin/python bench/bench_automatic.py [--quick] [--photos a,b] [--reference-cache DIR]
     [--budgets 144,216]
