@@ -20,6 +20,7 @@ from auto_masks import (
     pair_iou,
     region_points,
     stability_score,
+    stalled,
 )
 from errors import SegmentationCancelled
 
@@ -89,6 +90,22 @@ def test_dedupe_drops_a_mask_one_pixel_away_from_a_better_one():
     np.testing.assert_array_equal(mask_nms(stack, np.array([0.95, 0.9, 0.8, 0.7]), 0.95), [0, 2, 3])
     np.testing.assert_array_equal(mask_nms(stack, np.array([0.5, 0.9, 0.8, 0.7]), 0.95), [1, 2, 3])
     np.testing.assert_array_equal(mask_nms(stack, np.array([0.5, 0.9, 0.8, 0.7]), 0.2), [1, 3])
+
+
+@pytest.mark.parametrize(
+    ("yields", "expected"),
+    [
+        ([], False),
+        ([(24, 0), (23, 0)], False),  # 47 prompts: too few to judge
+        ([(24, 0), (24, 1)], True),  # 48 prompts, one mask
+        ([(24, 2), (24, 0)], False),  # two masks in the window
+        ([(24, 5), (24, 0), (24, 1)], True),  # the window is the last 48 prompts: the early finds do not count
+        ([(24, 5), (10, 0), (24, 1), (24, 0)], True),  # the window ends at the batch that reaches 48
+        ([(24, 0), (24, 0), (24, 2)], False),  # a scale that finds again goes on
+    ],
+)
+def test_a_scale_stalls_when_its_last_prompts_find_too_little(yields, expected):
+    assert stalled(yields, window=48, least=2) is expected
 
 
 def test_grid_points_sit_at_cell_centres_row_by_row():
