@@ -5,10 +5,11 @@ its own matrix kernels; measured 86 against 183 ms CPU per prompt for the decode
 the encoder at 1024² in one run). Each export is written on the first load to
 `<models_dir>/mobilesam_encoder_<checkpoint sha256[:12]>.onnx` and `mobilesam_decoder_<sha256[:12]>_<GRAPH_VERSION>
 .onnx` (a new checkpoint, or a changed decoder graph, gets its own file; written under a temporary name and
-renamed, so a half-written file never sits under the final name). Every
-load checks each session against torch on one input (the decoder's logits within 1e-3, the encoder's
-features within 1e-3): a damaged or stale file, a failed export or a missing onnxruntime leaves that part in
-torch, with a log line saying why. The decoder is the rearranged one (mask_decoder_fast).
+renamed, so a half-written file never sits under the final name). A file is checked against torch on one
+input (the decoder's logits within 1e-3, the encoder's features within 1e-3) the first time it is loaded, and
+again whenever its bytes, onnxruntime or torch changed (`<file>.checked` records what was checked: later starts
+skip the torch run, seconds saved): a damaged or stale file, a failed export or a missing onnxruntime leaves
+that part in torch, with a log line saying why. The decoder is the rearranged one (mask_decoder_fast).
 """
 
 from __future__ import annotations
@@ -153,11 +154,24 @@ def _load(part: str, path: Path, write: Callable, session: Callable, check: Call
             log.info("Exporting the MobileSAM %s for onnxruntime to %s (once) ...", part, path)
             write(model, path)
         loaded = session(path)
-        check(model, loaded)
+        record, fingerprint = path.with_name(path.name + ".checked"), _fingerprint(path)
+        if not (record.is_file() and record.read_text() == fingerprint):
+            check(model, loaded)
+            record.write_text(fingerprint)
     except Exception as exc:  # noqa: BLE001 - any failure here only means: keep torch for this part
         log.warning("MobileSAM runs its %s in torch: the onnxruntime one (%s) is unusable: %s", part, path, exc)
         return None
     return loaded
+
+
+def _fingerprint(path: Path) -> str:
+    """What a check of this file vouches for: its bytes, and the runtimes that ran it."""
+    import hashlib
+
+    import onnxruntime
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"sha256 {digest}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__}\n"
 
 
 def _check(model, decoder: OnnxDecoder) -> None:

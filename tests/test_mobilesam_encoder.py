@@ -30,8 +30,26 @@ def exported(net, tmp_path_factory) -> Path:
     return folder
 
 
-def test_the_export_is_one_file_named_by_the_checkpoint(exported):
-    assert [p.name for p in exported.iterdir()] == [mobilesam_onnx.encoder_path(exported, DIGEST).name]
+def test_the_export_is_one_file_named_by_the_checkpoint_and_its_check_record(exported):
+    name = mobilesam_onnx.encoder_path(exported, DIGEST).name
+    assert sorted(p.name for p in exported.iterdir()) == [name, name + ".checked"]
+
+
+def test_a_checked_file_is_not_checked_again_until_its_bytes_change(net, exported, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(exported, folder)
+
+    def refuse(model, encoder):
+        raise ValueError("checked again")
+
+    monkeypatch.setattr(mobilesam_onnx, "_check_encoder", refuse)
+    assert mobilesam_onnx.attach_encoder(mobilesam_model.MobileSam(net), folder, DIGEST)  # vouched for: no check
+    path = mobilesam_onnx.encoder_path(folder, DIGEST)
+    path.write_bytes(path.read_bytes() + b"\0")  # other bytes (onnxruntime still reads them): checked again
+    model = mobilesam_model.MobileSam(net)
+    assert not mobilesam_onnx.attach_encoder(model, folder, DIGEST) and model.onnx_encoder is None
 
 
 def test_the_onnxruntime_encoder_gives_torchs_embedding(net, exported):
