@@ -230,9 +230,13 @@ class _Pass:
             check_cancel(cancel)
             chunk = staged[start : start + UPSCALE_CHUNK]
             low = np.stack([cand.logits for cand in chunk])
-            full = np.asarray(self.model.to_full(self.emb, low))
-            for cand, logits in zip(chunk, full):
-                mask = logits > 0
+            fast = getattr(self.model, "full_masks", None)  # the same masks, computed only where each can be
+            full = (
+                np.asarray(fast(self.emb, low))
+                if fast is not None
+                else np.asarray(self.model.to_full(self.emb, low)) > 0
+            )
+            for cand, mask in zip(chunk, full):
                 record = self._record(cand, mask)
                 if record is not None:
                     out.append(record)
