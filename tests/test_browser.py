@@ -642,7 +642,12 @@ def test_12_undo_moves_the_highlight_and_remove_acts_on_what_is_shown_selected(p
     page.wait_for_function("() => !document.querySelector('#gallery .thumbnail-item.selected')")
     page.shots.take(page, "undone-no-highlight")
 
-    click_pixel(page, *WINDOW_PX)
+    click_pixel(page, *WINDOW_PX)  # a click on the picture: its mask's thumbnail is highlighted just after
+    page.wait_for_function(
+        "(label) => [...document.querySelectorAll('#gallery .thumbnail-item.selected')]"
+        ".map(t => t.innerText.trim()).join() === label",
+        arg=f"#{ids['window']}",
+    )
     updating(page, lambda: thumb.first.click())
     assert painted_ids(page) == [ids["window"], ids["sun"]]
     updating(page, lambda: page.locator("#undo").click())
