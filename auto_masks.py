@@ -230,12 +230,7 @@ class _Pass:
             check_cancel(cancel)
             chunk = staged[start : start + UPSCALE_CHUNK]
             low = np.stack([cand.logits for cand in chunk])
-            fast = getattr(self.model, "full_masks", None)  # the same masks, computed only where each can be
-            full = (
-                np.asarray(fast(self.emb, low))
-                if fast is not None
-                else np.asarray(self.model.to_full(self.emb, low)) > 0
-            )
+            full = full_masks(self.model, self.emb, low)
             for cand, mask in zip(chunk, full):
                 record = self._record(cand, mask)
                 if record is not None:
@@ -414,3 +409,12 @@ def region_points(image: np.ndarray, scales, work_side: int) -> list[list[tuple[
             stage.append((float((c + 0.5) / factor), float((r + 0.5) / factor), float(areas[i]) / (sh * sw)))
         out.append(stage)
     return out
+
+
+def full_masks(model: Any, emb: Any, low_res_logits: np.ndarray) -> np.ndarray:
+    """Boolean masks M×H×W at the original size: the model's own `full_masks` when it has one (computed only
+    where each mask can be), else `to_full(...) > 0`."""
+    fast = getattr(model, "full_masks", None)
+    if fast is not None:
+        return np.asarray(fast(emb, low_res_logits))
+    return np.asarray(model.to_full(emb, low_res_logits)) > 0

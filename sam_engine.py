@@ -6,7 +6,8 @@ knows which model it drives (MobileSAM: mobilesam_engine; SAM 2: sam2_engine):
 - `decode(emb, points [N,K,2] (x, y) original pixels | None, labels [N,K] (1 include, 0 exclude, -1 pad) | None,
   boxes [N,4] | None, multimask=True) -> (low-res logits [N,3,L,L], predicted IoU [N,3])` (N×1 without multimask);
 - `to_full(emb, low_res [M,L,L]) -> logits [M,H,W]` at the original size (mask = logits > 0); a model may also
-  have `full_masks(emb, low_res) -> bool [M,H,W]`, the same masks computed faster (prompts use it when present).
+  have `full_masks(emb, low_res) -> bool [M,H,W]`, the same masks computed faster (prompts and the automatic
+  pass use it when present: auto_masks.full_masks).
 
 How prompts are answered:
 - one embedding per image, cached by the pixels' hash and shared by every session (embedding_cache), so after
@@ -154,7 +155,7 @@ class PromptModelSegmenter:
         low, iou = self.model.decode(emb, pts, lab, boxes, multimask=multimask)
         check_cancel(cancel)
         order = np.argsort(-iou[0], kind="stable")  # better first: it survives a merge
-        masks = full_masks(self.model, emb, low[0][order])
+        masks = auto_masks.full_masks(self.model, emb, low[0][order])
         point = [[float(x), float(y)] for (x, y), lab in zip(points or [], labels or []) if lab == 1] or None
         kept: list[tuple[np.ndarray, dict]] = []
         for k, mask in zip(order, masks):
@@ -184,15 +185,6 @@ def run_here(fn: Callable[..., Any], *args: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers, shared with the automatic pass.
-
-
-def full_masks(model: Any, emb: Any, low_res_logits: np.ndarray) -> np.ndarray:
-    """Boolean masks M×H×W at the original size: the model's own `full_masks` when it has one (computed only
-    where each mask can be), else `to_full(...) > 0`."""
-    fast = getattr(model, "full_masks", None)
-    if fast is not None:
-        return np.asarray(fast(emb, low_res_logits))
-    return np.asarray(model.to_full(emb, low_res_logits)) > 0
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

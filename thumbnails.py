@@ -58,13 +58,16 @@ class LibraryThumbnails:
         self.folder = folder or Path(tempfile.gettempdir()) / "mask-studio-thumbnails"
 
     def files(self, rows: Sequence[ImageRow]) -> list[str | None]:
-        """A thumbnail file per row, in order; None for an image whose picture cannot be read (logged)."""
-        stored = self.db.thumbnails([r.id for r in rows])
-        out: list[str | None] = []
-        for row in rows:
+        """A thumbnail file per row, in order; None for an image whose picture cannot be read (logged). Only the
+        rows without a file yet are read from the database (a listing after an upload reads one)."""
+        paths = [self._path(row) for row in rows]
+        missing = [row for row, path in zip(rows, paths) if not path.is_file()]
+        stored = self.db.thumbnails([r.id for r in missing])
+        for row in missing:
             jpeg = stored.get(row.id) or self._make(row)
-            out.append(None if jpeg is None else self._file(row, jpeg))
-        return out
+            if jpeg is not None:
+                self._write(self._path(row), jpeg)
+        return [str(path) if path.is_file() else None for path in paths]
 
     def _make(self, row: ImageRow) -> bytes | None:
         loaded = self.cache.peek(row.id)
@@ -77,14 +80,15 @@ class LibraryThumbnails:
             return None
         return jpeg
 
-    def _file(self, row: ImageRow, jpeg: bytes) -> str:
+    def _path(self, row: ImageRow) -> Path:
         # Named by the stored original (a new image under a reused id gets a new file), not guessable from the id.
         name = hashlib.sha256(f"{row.id}\0{row.blob_key}".encode()).hexdigest()[:24] + ".jpg"
-        path = self.folder / name
-        if not path.is_file():  # written whole under a temporary name first: never a half file under this one
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd, part = tempfile.mkstemp(dir=self.folder, prefix=".part-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(jpeg)
-            os.replace(part, path)
-        return str(path)
+        return self.folder / name
+
+    def _write(self, path: Path, jpeg: bytes) -> None:
+        """Written whole under a temporary name first: never a half file under the final one."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, part = tempfile.mkstemp(dir=self.folder, prefix=".part-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(jpeg)
+        os.replace(part, path)
