@@ -303,7 +303,7 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     p.open_btn.click(user_errors(h.on_open), [p.library, p.state, p.background], [*fresh, *watch], **private)
     pick_inputs = [p.library_ids, p.state, p.background]
     p.library_gallery.select(user_errors(h.on_library_pick), pick_inputs, [*fresh, *watch, p.library], **private)
-    ticked = [p.gallery, p.pass_progress, p.pass_timer, p.pass_shown]
+    ticked = [p.gallery, p.pass_progress, p.pass_timer, p.pass_shown, p.library]
     p.pass_timer.tick(user_errors(h.on_pass_tick), [p.state, p.pass_shown], ticked, **quick)
     hide: dict[str, Any] = {"fn": lambda: gr.update(visible=False), "inputs": None, "outputs": p.confirm_row, **private}
     p.delete_btn.click(user_errors(h.on_ask_delete), [p.library, p.state], [p.confirm_row, p.confirm_text], **private)

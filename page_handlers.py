@@ -173,20 +173,25 @@ class PageHandlers:
         return gr.Timer(active=running), gr.update(value=text, visible=bool(text)), shown
 
     def on_pass_tick(self, state, shown_count):
-        """While the open image's pass runs: its progress, and the gallery again whenever masks were added."""
+        """While the open image's pass runs: its progress, and the gallery again whenever masks were added; when it
+        has ended, the Library's list too (its labels count the masks; what is chosen in it stays chosen)."""
         try:
             status = self.studio.pass_status(state.image_id, owner_of(state)) if state.image_id else None
         except NotFound:  # the image was deleted meanwhile
             status = None
         if status is None:
-            return gr.skip(), gr.update(value="", visible=False), gr.Timer(active=False), -1
+            return gr.skip(), gr.update(value="", visible=False), gr.Timer(active=False), -1, gr.skip()
         gallery = gr.skip()
         if status["mask_count"] != shown_count:
             items, order = views.gallery_items(self.studio.cutouts(state.image_id, owner_of(state)))
             index = order.index(state.selected) if state.selected in order else NO_THUMBNAIL
             gallery = gr.update(value=items, visible=bool(items), selected_index=index)
         text = views.pass_progress(status)
-        return gallery, gr.update(value=text, visible=True), gr.Timer(active=status["running"]), status["mask_count"]
+        listed = gr.skip()
+        if not status["running"]:
+            listed = gr.update(choices=views.library_choices(self.studio.list_images(owner_of(state))))
+        timer = gr.Timer(active=status["running"])
+        return gallery, gr.update(value=text, visible=True), timer, status["mask_count"], listed
 
     def on_ask_delete(self, image_id, state):
         if not image_id:

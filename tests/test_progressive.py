@@ -161,10 +161,13 @@ def test_the_timer_fills_the_gallery_and_says_how_the_pass_ended(app, handlers):
     _, studio, _ = app
     state = upload(handlers, data.astronaut()[::2, ::2].copy(), "astronaut-c.png")[0]
     finish(studio, state.image_id)
-    gallery, progress, timer, shown = handlers.on_pass_tick(state, -1)
+    gallery, progress, timer, shown, listed = handlers.on_pass_tick(state, -1)
     count = studio.pass_status(state.image_id, "local")["mask_count"]
     assert shown == count > 0 and len(gallery["value"]) == count and gallery["visible"]
     assert progress["value"] == f"Found all masks: {count} in all." and timer.active is False
+    labels = [label for label, image_id in listed["choices"] if image_id == state.image_id]
+    assert len(labels) == 1 and labels[0].endswith(f" · {count} masks")  # the Library's list says so too
+    assert "value" not in listed  # what the person chose in it stays chosen
     unchanged = handlers.on_pass_tick(state, count)
     assert unchanged[0] == gr.skip()  # nothing new: the thumbnails are not sent again
     thumb = gallery["value"][2]
@@ -184,7 +187,7 @@ def test_a_delete_during_the_pass_stops_it_and_nothing_more_is_stored(app, handl
     assert pass_state.error is None  # stopped on purpose: nothing to show
     assert studio.db.masks(row.id) == [] and not studio.db.image_exists(row.id)
     assert studio.passes.status(row.id) is None
-    gallery, progress, timer, _ = handlers.on_pass_tick(state, 0)  # the page still showing it stops asking
+    gallery, progress, timer, _, _ = handlers.on_pass_tick(state, 0)  # the page still showing it stops asking
     assert timer.active is False and progress["visible"] is False
 
 
