@@ -1,27 +1,30 @@
-"""Fast automatic masks from a SAM-family model: ~100–220 well-placed point prompts instead of a 32×32 grid.
+"""Fast automatic masks from a SAM-family model: under a hundred prompts, each where something new may be.
 
-SAM's standard generator decodes 1024 grid points (three masks each) and throws nearly all of them away as
-duplicates; on a CPU that is a minute or two per photo. Here:
-1. prompt points come from a cheap over-segmentation of the photo (Felzenszwalb's graph segmentation on a
-   small copy) at two scales, coarse first and most salient region first, one point per region at its
-   innermost pixel (distance-transform maximum). A point is skipped when a mask already accepted covers it
-   and is not much larger than its region: prompts go where nothing fits yet. The number of prompts adapts
-   to the picture: a scale stops once its last STALL_PROMPTS prompts found fewer than STALL_MASKS new masks
-   that pass SAM's own thresholds (never before MIN_PROMPTS in all, never beyond PROMPT_BUDGET), so a plain
-   photo costs ~100 prompts and a cluttered one up to PROMPT_BUDGET;
-2. the decoder runs in batches (one include point per prompt; three multimask outputs: whole / part /
-   sub-part, which is what makes the result hierarchical);
-3. every decision is taken on the decoder's 256² low-resolution logits: keep outputs whose predicted IoU and
+SAM's standard generator decodes all 1024 points of a 32×32 grid (three masks each) and throws nearly all of
+them away as duplicates; on a CPU that is a minute or two per photo. Here the candidates are the same grid
+points, but a point is decoded only while it may still give a mask not seen yet:
+1. a point counts as explained once it lies inside a mask an earlier prompt gave (any of its three outputs with
+   a predicted IoU of at least EXPLORED_IOU) and its image embedding (the encoder's feature vector there) is
+   close to that prompt's (cosine ≥ EXPLAINED_SIMILARITY): the same thing, seen from the same kind of place.
+   A button on a jacket lies inside the jacket's mask but does not look like the jacket, so it stays open;
+2. the next prompt is the open point least like anything that explains it: first the points no mask covers
+   yet, coarse to fine (a 4×4 grid's points, then 8×8, 16×16, 32×32, in a fixed shuffled order within each),
+   then the covered point least similar to its explainers. The pass ends when every point is explained (a
+   plain photo: ~40 prompts), at PROMPT_BUDGET prompts, or at max_masks masks;
+3. the decoder runs one prompt at a time (one include point, three multimask outputs: whole / part / sub-part,
+   which is what makes the result hierarchical; one prompt at a time is also the fastest per prompt on a CPU);
+4. every decision is taken on the decoder's 256² low-resolution logits: keep outputs whose predicted IoU and
    stability score pass (stability = share of the mask that survives moving the logit cutoff from -1 to +1,
    measured on the logits around the mask upsampled 4×, as SAM measures it at full size: the 256² grid
    underrates small masks), that are not specks (< 0.1 % of the image), and that do not repeat an accepted
-   mask (mask-IoU NMS, best predicted IoU first within a batch; accepted masks stay);
-4. only the survivors are upscaled to full size and encoded as COCO RLE, one stage (scale) at a time so the
+   mask (mask-IoU NMS; accepted masks stay);
+5. only the survivors are upscaled to full size and encoded as COCO RLE, every EMIT_EVERY prompts, so the
    gallery fills as they arrive; a final check at full size guarantees that no two records have IoU ≥ 0.95.
 The model interface used: `decode(emb, points [N,K,2] (x, y) in original pixels, labels [N,K], None,
-multimask=True) -> (low_res_logits [N,3,L,L], iou_pred [N,3])`, `to_full(emb, logits [M,L,L]) -> [M,H,W]` and
+multimask=True) -> (low_res_logits [N,3,L,L], iou_pred [N,3])`, `to_full(emb, logits [M,L,L]) -> [M,H,W]`,
 `low_res_frame(emb) -> (rows, cols, x_scale, y_scale)`: where the image lies in the L×L logits (MobileSAM pads
-the image to a square, SAM 2 squashes it to one) and the scale from original to low-res pixels along x and y.
+the image to a square, SAM 2 squashes it to one) and the scale from original to low-res pixels along x and y,
+and `point_features(emb, xs, ys) -> [N, C]`: the image embedding at those original pixels, unit length.
 The result depends only on the image (fixed order everywhere, no time budget): it is deterministic.
 """
 
@@ -44,19 +47,13 @@ STABILITY_OFFSET = 1.0
 MIN_AREA_FRACTION = 0.001  # masks smaller than 0.1 % of the image are specks
 NMS_IOU = 0.90  # low-res mask IoU from which a candidate repeats an accepted mask
 DUPLICATE_IOU = 0.95  # the guarantee at full size
-PROMPT_BUDGET = 240  # the most prompts a pass spends; the decoder is ~90 % of the time
-BATCH = 24  # the decoder costs about the same per prompt from 8 to 32 prompts a batch
+PROMPT_BUDGET = 96  # the most prompts a pass spends; the decoder is ~85 % of the time
+GRID_SIDE = 32  # candidate points: SAM's own 32×32 grid
+EXPLORED_IOU = 0.70  # an output this well rated explains the points inside it that look like its prompt's
+EXPLAINED_SIMILARITY = 0.70  # cosine of two points' image embeddings from which they show the same thing
+EMIT_EVERY = 16  # prompts between two deliveries of finished masks
 UPSCALE_CHUNK = 8
-WORK_SIDE = 320  # the over-segmentation runs on a copy this long
-# (Felzenszwalb scale, minimum region as a share of the working image), coarse first
-SCALES = ((800.0, 1 / 150), (80.0, 1 / 2000))  # a middle scale measured worse: it spends prompts the fine one needs
-MIN_REGION = 0.0003  # regions smaller than this share of the image get no prompt of their own
-MIN_INNER = 1.5  # working pixels: thinner regions are slivers along an edge, not things
 LOW_RES_AREA_SLACK = 0.7  # a mask of just 0.1 % can measure less on the coarse 256² grid
-STALL_PROMPTS, STALL_MASKS = 48, 2  # a stage stops when its last 48 prompts added fewer than 2 masks
-MIN_PROMPTS = 96  # below this many prompts the stall rule does not stop a pass (a few small things still count)
-STRICT_IOU, STRICT_STABILITY = 0.88, 0.95  # SAM's generator's thresholds: the masks the stall rule counts
-COVER_RATIO = 3.0  # a point is covered by an accepted mask at most this many times its region's area
 
 
 def generate(
@@ -80,41 +77,93 @@ def generate(
         raise InvalidInput(f"max_masks must be at least 1, got {max_masks}.")
     report = progress or no_progress
     state = _Pass(model, emb, image.shape[0], image.shape[1], max_masks, pred_iou, stability)
-    stages = region_points(image, SCALES, WORK_SIDE)
+    guide = Guide.over(model, emb, image.shape[0], image.shape[1], GRID_SIDE)
     records: list[dict] = []
-    for stage in stages:
-        pending = list(stage)
-        yields: list[tuple[int, int]] = []  # (prompts, new masks) per batch of this stage
-        while pending and state.prompts < PROMPT_BUDGET and len(state.accepted) < max_masks:
-            check_cancel(cancel)
-            batch: list[tuple[float, float]] = []
-            while pending and len(batch) < min(BATCH, PROMPT_BUDGET - state.prompts):
-                x, y, area = pending.pop(0)
-                if not state.covered(x, y, area):
-                    batch.append((x, y))
-            if batch:
-                yields.append((len(batch), state.decode(batch)))
-                report(0.95 * state.prompts / PROMPT_BUDGET, f"{len(state.accepted)} masks found so far")
-                if state.prompts >= MIN_PROMPTS and stalled(yields):
-                    break
-        new = state.finish_stage(cancel)
-        records.extend(new)
-        if new and on_masks is not None:
-            on_masks(new)
+    while state.prompts < PROMPT_BUDGET and len(state.accepted) < max_masks:
+        check_cancel(cancel)
+        point = guide.next_point()
+        if point is None:
+            break  # every candidate point is explained
+        logits, ious = state.decode([guide.xy(point)])
+        guide.explore(point, logits[0], ious[0])
+        report(0.95 * state.prompts / PROMPT_BUDGET, f"{len(state.accepted)} masks found so far")
+        if state.prompts % EMIT_EVERY == 0:
+            records.extend(_deliver(state, cancel, on_masks))
+    records.extend(_deliver(state, cancel, on_masks))
     report(1.0, f"{len(records)} masks ready")
     return records
 
 
-def stalled(yields: list[tuple[int, int]], window: int = STALL_PROMPTS, least: int = STALL_MASKS) -> bool:
-    """True when the last `window` prompts of `yields` ((prompts, new masks) per batch, oldest first) found
-    fewer than `least` masks: the picture has given what this scale can find (a plain photo stops early; a
-    cluttered one keeps adding and goes on). False while fewer than `window` prompts were spent."""
-    prompts = found = 0
-    for n, new in reversed(yields):
-        prompts, found = prompts + n, found + new
-        if prompts >= window:
-            return found < least
-    return False
+def _deliver(state: _Pass, cancel: threading.Event | None, on_masks: OnMasks | None) -> list[dict]:
+    new = state.flush(cancel)
+    if new and on_masks is not None:
+        on_masks(new)
+    return new
+
+
+class Guide:
+    """Where the next prompt goes (module docstring, 1–2): candidate grid points, and how well each is explained
+    by the prompts decoded so far. Pure numpy; `over` builds one from a model's embedding."""
+
+    def __init__(self, xs, ys, rows, cols, features: np.ndarray, order: np.ndarray):
+        self.xs, self.ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+        self.rows, self.cols = np.asarray(rows), np.asarray(cols)  # each point's low-res pixel
+        self.features = np.asarray(features, np.float32)  # G×C, unit length
+        self.order = np.asarray(order)  # rank among points nothing covers yet (coarse to fine)
+        self.best = np.full(len(self.xs), -np.inf, np.float32)  # highest similarity to an explaining prompt
+        self.done = np.zeros(len(self.xs), bool)
+
+    @classmethod
+    def over(cls, model: SamModel, emb: Any, h: int, w: int, side: int) -> Guide:
+        lh, lw, x_scale, y_scale = model.low_res_frame(emb)
+        centres = (np.arange(side) + 0.5) / side
+        ys, xs = (a.ravel() for a in np.meshgrid(centres * h, centres * w, indexing="ij"))
+        rows = np.minimum(lh - 1, (ys * y_scale).astype(np.int64))
+        cols = np.minimum(lw - 1, (xs * x_scale).astype(np.int64))
+        return cls(xs, ys, rows, cols, model.point_features(emb, xs, ys), coarse_to_fine(side))
+
+    def xy(self, point: int) -> tuple[float, float]:
+        return float(self.xs[point]), float(self.ys[point])
+
+    def next_point(self) -> int | None:
+        """The open point least like anything that explains it (uncovered ones first, coarse to fine); None when
+        every point is explained or decoded."""
+        key = np.where(self.done, np.inf, self.best)
+        lowest = key.min(initial=np.inf)
+        if lowest >= EXPLAINED_SIMILARITY:
+            return None
+        ties = np.flatnonzero(key == lowest)
+        return int(ties[np.argmin(self.order[ties])])
+
+    def explore(self, point: int, logits: np.ndarray, ious: np.ndarray) -> None:
+        """Record what decoding `point` gave: its outputs' low-res logits (3×L×L, padding included) and IoUs."""
+        self.done[point] = True
+        own = self.features[point]
+        for out, iou in zip(logits, ious):
+            if iou < EXPLORED_IOU:
+                continue
+            inside = np.flatnonzero(out[self.rows, self.cols] > 0)
+            if inside.size:
+                similar = self.features[inside] @ own
+                self.best[inside] = np.maximum(self.best[inside], similar)
+
+
+def coarse_to_fine(side: int) -> np.ndarray:
+    """Rank of each point of a side×side grid (row by row): a 4×4 grid's points first, then 8×8's, … (each
+    level's points in a fixed shuffled order, so a budget that ends mid-level leaves no band unvisited)."""
+    rank = np.full(side * side, -1, np.int64)
+    nxt, n = 0, 4
+    while n < side:
+        step = side // n
+        picks = np.arange(n) * step + step // 2
+        cells = (picks[:, None] * side + picks[None, :]).ravel()
+        for cell in cells[np.random.default_rng(n).permutation(len(cells))]:
+            if rank[cell] < 0:
+                rank[cell], nxt = nxt, nxt + 1
+        n *= 2
+    rest = np.flatnonzero(rank < 0)
+    rank[rest] = nxt + np.random.default_rng(side).permutation(len(rest))
+    return rank
 
 
 @dataclass
@@ -139,10 +188,13 @@ class SamModel(Protocol):
 
     def low_res_frame(self, emb: Any) -> tuple[int, int, float, float]: ...
 
+    def point_features(self, emb: Any, xs: np.ndarray, ys: np.ndarray) -> np.ndarray: ...
+
 
 @dataclass
 class _Pass:
-    """State of one automatic pass: accepted low-res masks and what is already covered."""
+    """State of one automatic pass: the masks accepted on the low-res logits, those not yet delivered, and those
+    delivered (at full size, for the final duplicate check)."""
 
     model: SamModel
     emb: Any
@@ -158,18 +210,12 @@ class _Pass:
 
     def __post_init__(self) -> None:
         # the model says where the image lies in its logits (MobileSAM pads to a square, SAM 2 squashes)
-        self.lh, self.lw, self.x_scale, self.y_scale = self.model.low_res_frame(self.emb)
-        self.cover = np.full((self.lh, self.lw), np.inf, np.float32)  # smallest accepted area covering each pixel
+        self.lh, self.lw, _, _ = self.model.low_res_frame(self.emb)
         self.min_area = MIN_AREA_FRACTION * self.lh * self.lw
 
-    def covered(self, x: float, y: float, area_fraction: float) -> bool:
-        r = min(self.lh - 1, int(y * self.y_scale))
-        c = min(self.lw - 1, int(x * self.x_scale))
-        return bool(self.cover[r, c] <= COVER_RATIO * area_fraction * self.lh * self.lw)
-
-    def decode(self, points: list[tuple[float, float]]) -> int:
-        """Decode one batch of include points, accept what passes; return how many of the new masks pass SAM's
-        own thresholds (STRICT_IOU, STRICT_STABILITY)."""
+    def decode(self, points: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+        """Decode include points (one prompt each), accept what passes; return the decoder's low-res logits
+        (N×3×L×L) and predicted IoUs (N×3)."""
         pts = np.asarray(points, np.float32)[:, None, :]
         labels = np.ones((len(points), 1), np.int64)
         logits, iou = self.model.decode(self.emb, pts, labels, None, multimask=True)
@@ -180,14 +226,16 @@ class _Pass:
         flat = whole[:, : self.lh, : self.lw]
         scores = iou.reshape(-1)
         keep = np.flatnonzero(scores >= self.pred_iou)
-        if keep.size == 0:
-            return 0
+        if keep.size > 0:
+            self._accept(points, whole, flat, scores, keep)
+        return logits, iou
+
+    def _accept(self, points, whole: np.ndarray, flat: np.ndarray, scores: np.ndarray, keep: np.ndarray) -> None:
         rough = stability_score(flat[keep], 0.0, STABILITY_OFFSET)
         keep = keep[rough >= min(ROUGH_STABILITY, self.stability)]  # far below: no upsampling will rescue it
         stab = np.array([upsampled_stability(flat[k], STABILITY_OFFSET) for k in keep], np.float32)
         keep, stab = keep[stab >= self.stability], stab[stab >= self.stability]
         order = np.argsort(-scores[keep], kind="stable")
-        before = len(self.accepted)
         for i in order:
             if len(self.accepted) >= self.max_masks:
                 break
@@ -210,9 +258,6 @@ class _Pass:
                 continue
             self.accepted.append(cand)
             self.staged.append(cand)
-            np.minimum(self.cover, np.where(mask, np.float32(area), np.float32(np.inf)), out=self.cover)
-        # what the stall rule counts: new masks good enough for SAM's own generator to keep
-        return sum(c.iou >= STRICT_IOU and c.stability >= STRICT_STABILITY for c in self.accepted[before:])
 
     def _repeats(self, cand: _Candidate) -> bool:
         for other in self.accepted:
@@ -222,8 +267,8 @@ class _Pass:
                 return True
         return False
 
-    def finish_stage(self, cancel: threading.Event | None) -> list[dict]:
-        """Upscale this stage's accepted masks, drop full-size duplicates, encode them as records."""
+    def flush(self, cancel: threading.Event | None) -> list[dict]:
+        """Upscale the masks accepted since the last call, drop full-size duplicates, encode them as records."""
         out: list[dict] = []
         staged, self.staged = self.staged, []
         for start in range(0, len(staged), UPSCALE_CHUNK):
@@ -359,56 +404,15 @@ def mask_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.
     return np.asarray(kept, np.int64)
 
 
-def region_points(image: np.ndarray, scales, work_side: int) -> list[list[tuple[float, float, float]]]:
-    """Per scale, one (x, y, area share) per over-segmentation region, (x, y) in original pixels.
-
-    The point is the region's innermost pixel (farthest from its edge), so a prompt lands inside the thing.
-    Regions come most salient first: sqrt(area) times the mean colour step across the region's edge, so a
-    small patch with a sharp outline goes before a fragment of texture cut out of a larger area."""
-    import cv2
-    from scipy import ndimage
-    from skimage.segmentation import felzenszwalb
-
-    h, w = image.shape[:2]
-    factor = min(1.0, work_side / max(h, w))
-    sh, sw = max(1, round(h * factor)), max(1, round(w * factor))
-    small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA) if factor < 1 else image
-    lab = cv2.cvtColor(small, cv2.COLOR_RGB2LAB).astype(np.float32)
-    step_x = np.linalg.norm(lab[:, 1:] - lab[:, :-1], axis=2)
-    step_y = np.linalg.norm(lab[1:] - lab[:-1], axis=2)
-    out = []
-    for scale, min_share in scales:
-        labels = felzenszwalb(small, scale=scale, sigma=0.8, min_size=max(4, int(min_share * sh * sw)))
-        n = int(labels.max()) + 1
-        cut_x, cut_y = labels[:, 1:] != labels[:, :-1], labels[1:] != labels[:-1]
-        edge = np.zeros((sh, sw), bool)
-        edge[:, :-1] |= cut_x
-        edge[:-1, :] |= cut_y
-        edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
-        dist = cv2.distanceTransform((~edge).astype(np.uint8), cv2.DIST_L2, 3)
-        areas = np.bincount(labels.ravel(), minlength=n)
-        # colour steps across each region's edge, counted on both sides
-        sums = np.zeros(n)
-        counts = np.zeros(n)
-        for side_a, side_b, step, cut in (
-            (labels[:, 1:], labels[:, :-1], step_x, cut_x),
-            (labels[1:], labels[:-1], step_y, cut_y),
-        ):
-            for side in (side_a, side_b):
-                sums += np.bincount(side[cut], weights=step[cut], minlength=n)
-                counts += np.bincount(side[cut], minlength=n)
-        contrast = sums / np.maximum(counts, 1)
-        contrast[counts == 0] = contrast.max(initial=1.0)  # the whole image: nothing to contrast with
-        pos = ndimage.maximum_position(dist, labels, np.arange(n))
-        order = np.argsort(-(np.sqrt(areas) * contrast), kind="stable")
-        stage = []
-        for i in order:
-            r, c = pos[i]
-            if areas[i] < MIN_REGION * sh * sw or dist[r, c] < MIN_INNER:
-                continue
-            stage.append((float((c + 0.5) / factor), float((r + 0.5) / factor), float(areas[i]) / (sh * sw)))
-        out.append(stage)
-    return out
+def embedding_at(features: np.ndarray, xs, ys, x_scale: float, y_scale: float, input_side: int) -> np.ndarray:
+    """Rows of a C×S×S image embedding (S×S cells over an input_side² model input) at original pixels (xs, ys),
+    `x_scale`/`y_scale` taking original pixels to input pixels; each row scaled to unit length."""
+    side = features.shape[-1]
+    cell = input_side / side
+    cols = np.clip((np.asarray(xs) * x_scale / cell).astype(np.int64), 0, side - 1)
+    rows = np.clip((np.asarray(ys) * y_scale / cell).astype(np.int64), 0, side - 1)
+    at = np.asarray(features, np.float32)[:, rows, cols].T
+    return at / np.maximum(np.linalg.norm(at, axis=1, keepdims=True), np.float32(1e-12))
 
 
 def full_masks(model: Any, emb: Any, low_res_logits: np.ndarray) -> np.ndarray:

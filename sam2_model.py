@@ -181,6 +181,16 @@ class Sam2Adapter:
         height, width = emb.original_size
         return self.low_res, self.low_res, self.low_res / width, self.low_res / height
 
+    def point_features(self, emb: Sam2Embedding, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """The image embedding (the encoder's coarsest feature map) at original pixels (xs, ys): N×C float32
+        vectors of unit length (the automatic pass compares places with them)."""
+        from auto_masks import embedding_at
+
+        height, width = emb.original_size
+        coarsest = min(emb.features, key=lambda f: f.shape[-1])[0].float().cpu().numpy()
+        side = self.image_size
+        return embedding_at(coarsest, xs, ys, side / width, side / height, side)
+
     def to_full(self, emb: Sam2Embedding, low_res_logits: np.ndarray) -> np.ndarray:
         """Low-res logits M×L×L → logits M×H×W at the original size (mask = logits > 0)."""
         import torch

@@ -36,7 +36,7 @@ import masks
 from amg_reference import generate_reference
 from auto_masks import boxes_of, generate, pair_iou
 
-TUNING = ("astronaut", "coffee", "groot", "tower", "cheetah")  # the last three: Gradio's own sample photos
+TUNING = ("astronaut", "coffee", "hubble", "groot", "tower", "cheetah", "lion")  # the last four: Gradio's sample photos
 HELD_OUT = ("chelsea", "rocket", "camera", "motorcycle", "coins")
 QUICK = ("astronaut", "chelsea")
 MATCH_IOU = 0.8
@@ -44,7 +44,8 @@ MAX_MASKS = 128  # the app's default MAX_MASKS
 TARGET_S, TARGET_RATIO, TARGET_RECALL = 5.0, 12.0, 0.85
 
 
-GRADIO_PHOTOS = {"groot": "groot.jpeg", "tower": "tower.jpg", "cheetah": "cheetah.jpg"}
+GRADIO_PHOTOS = {"groot": "groot.jpeg", "tower": "tower.jpg", "cheetah": "cheetah.jpg", "lion": "lion.jpg"}
+SKIMAGE_NAMES = {"motorcycle": "stereo_motorcycle", "hubble": "hubble_deep_field"}
 
 
 def photo(name: str) -> np.ndarray:
@@ -56,7 +57,8 @@ def photo(name: str) -> np.ndarray:
         path = Path(gradio.__file__).parent / "media_assets" / "images" / GRADIO_PHOTOS[name]
         img = np.asarray(Image.open(path).convert("RGB"))
     else:
-        img = np.asarray(data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)())
+        img = getattr(data, SKIMAGE_NAMES.get(name, name))()
+        img = np.asarray(img[0] if isinstance(img, tuple) else img)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     img = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
@@ -91,8 +93,12 @@ def load_model(runtime: str = "onnx"):
     root = Path(__file__).resolve().parent.parent
     path = Path(os.environ.get("MOBILESAM_CHECKPOINT", root / "models" / "mobile_sam.pt"))
     model = load(path)
-    if runtime == "onnx" and not mobilesam_onnx.attach(model, root / "models", model_weights.sha256_of(path)):
-        print("onnxruntime decoder unusable: the torch decoder runs")
+    if runtime == "onnx":  # as the engine runs it: encoder and decoder on onnxruntime
+        digest = model_weights.sha256_of(path)
+        if not mobilesam_onnx.attach_encoder(model, root / "models", digest):
+            print("onnxruntime encoder unusable: the torch encoder runs")
+        if not mobilesam_onnx.attach(model, root / "models", digest):
+            print("onnxruntime decoder unusable: the torch decoder runs")
     return model
 
 

@@ -12,15 +12,16 @@ import pytest
 import masks as rle
 from amg_reference import generate_reference, grid_points
 from auto_masks import (
+    Guide,
     box_iou_matrix,
     box_nms,
     boxes_of,
+    coarse_to_fine,
+    embedding_at,
     generate,
     mask_nms,
     pair_iou,
-    region_points,
     stability_score,
-    stalled,
 )
 from errors import SegmentationCancelled
 
@@ -92,48 +93,66 @@ def test_dedupe_drops_a_mask_one_pixel_away_from_a_better_one():
     np.testing.assert_array_equal(mask_nms(stack, np.array([0.5, 0.9, 0.8, 0.7]), 0.2), [1, 3])
 
 
-@pytest.mark.parametrize(
-    ("yields", "expected"),
-    [
-        ([], False),
-        ([(24, 0), (23, 0)], False),  # 47 prompts: too few to judge
-        ([(24, 0), (24, 1)], True),  # 48 prompts, one mask
-        ([(24, 2), (24, 0)], False),  # two masks in the window
-        ([(24, 5), (24, 0), (24, 1)], True),  # the window is the last 48 prompts: the early finds do not count
-        ([(24, 5), (10, 0), (24, 1), (24, 0)], True),  # the window ends at the batch that reaches 48
-        ([(24, 0), (24, 0), (24, 2)], False),  # a scale that finds again goes on
-    ],
-)
-def test_a_scale_stalls_when_its_last_prompts_find_too_little(yields, expected):
-    assert stalled(yields, window=48, least=2) is expected
-
-
 def test_grid_points_sit_at_cell_centres_row_by_row():
     np.testing.assert_allclose(grid_points(2, 4, 8), [[2, 1], [6, 1], [2, 3], [6, 3]])
 
 
-def test_region_points_land_inside_their_regions():
-    image = np.zeros((60, 80, 3), np.uint8)
-    image[:, 40:] = (250, 250, 250)
-    image[10:20, 10:20] = (250, 0, 0)
-    stages = region_points(image, ((500.0, 1 / 100), (50.0, 1 / 100)), work_side=80)
-    assert len(stages) == 2
-    for stage in stages:
-        assert sum(a for _, _, a in stage) <= 1.0 + 1e-9
-        assert all(0 <= x < 80 and 0 <= y < 60 for x, y, _ in stage)
-    for stage in stages:
-        red = [(x, y, a) for x, y, a in stage if 10 <= x < 20 and 10 <= y < 20]
-        assert red == [(14.5, 14.5, pytest.approx(100 / 4800))]  # one prompt, in the middle of the red square
-    assert any(x >= 40 for x, _, _ in stages[0]) and any(x < 40 for x, _, _ in stages[0])
+def test_coarse_to_fine_ranks_the_4x4_points_first_then_the_8x8_ones():
+    rank = coarse_to_fine(16).reshape(16, 16)
+    assert sorted(rank.ravel()) == list(range(256))  # every point once
+    coarse = rank[2::4, 2::4]  # the 4×4 grid's points, at the centres of its cells
+    assert sorted(coarse.ravel()) == list(range(16))
+    finer = rank[1::2, 1::2].copy()  # the 8×8 grid's points
+    assert sorted(finer.ravel()) == list(range(16, 80))
+    np.testing.assert_array_equal(coarse_to_fine(16), coarse_to_fine(16))  # deterministic
 
 
-def test_region_points_put_a_sharp_small_patch_before_a_faint_large_one():
-    image = np.full((60, 80, 3), 128, np.uint8)
-    image[:, 40:] = 136  # a faint step: one large region
-    image[25:35, 10:20] = (250, 0, 0)  # a sharp patch
-    [stage] = region_points(image, ((50.0, 1 / 100),), work_side=80)
-    x, y, _ = stage[0]
-    assert 10 <= x < 20 and 25 <= y < 35
+def _guide(features, order=None):
+    """Four points on one low-res row: (x, y) = (i, 0), low-res pixel (0, i)."""
+    n = len(features)
+    order = np.arange(n) if order is None else order
+    return Guide(np.arange(n), np.zeros(n), np.zeros(n, int), np.arange(n), np.asarray(features, np.float32), order)
+
+
+def _outputs(*covered_columns, width=4, iou=0.9):
+    logits = np.full((3, 1, width), -5.0, np.float32)
+    for k, cols in enumerate(covered_columns):
+        logits[k, 0, list(cols)] = 5.0
+    return logits, np.full(3, iou, np.float32)
+
+
+def test_the_guide_starts_with_uncovered_points_in_coarse_to_fine_order():
+    guide = _guide(np.eye(4), order=np.array([2, 0, 3, 1]))
+    assert guide.next_point() == 1
+    guide.explore(1, *_outputs([1]))
+    assert guide.next_point() == 3  # rank 1 among the points nothing covers
+    assert guide.xy(3) == (3.0, 0.0)
+
+
+def test_a_point_inside_a_mask_that_looks_like_the_prompt_is_explained():
+    same, other = [1.0, 0.0], [0.0, 1.0]
+    guide = _guide([same, same, other, same])
+    guide.explore(0, *_outputs([0, 1, 2], [0, 1, 2], [0]))  # points 1 and 2 inside; 3 outside every mask
+    assert guide.next_point() == 3  # uncovered: first
+    guide.explore(3, *_outputs([3], [3], [3]))
+    assert guide.next_point() == 2  # inside the mask, but it does not look like the prompt: a new thing
+    guide.explore(2, *_outputs([2], [2], [2]))
+    assert guide.next_point() is None  # point 1 is explained by point 0: the pass is done
+
+
+def test_poorly_rated_outputs_explain_nothing():
+    guide = _guide([[1.0, 0.0]] * 4)
+    guide.explore(0, *_outputs([0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], iou=0.3))
+    assert guide.next_point() == 1
+
+
+def test_embedding_at_takes_the_cell_under_each_point_at_unit_length():
+    features = np.zeros((2, 4, 4), np.float32)
+    features[:, 1, 2] = (3.0, 4.0)  # the cell at row 1, column 2 of a 4×4 map over a 64² input (16 px cells)
+    features[:, 3, 3] = (0.0, 2.0)
+    # original pixels at half the input's scale: (x, y) = (20, 10) → input (40, 20) → cell (row 1, column 2)
+    got = embedding_at(features, np.array([20.0, 31.9]), np.array([10.0, 31.9]), 2.0, 2.0, 64)
+    np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, 1.0]])
 
 
 # ---- with the real weights ----------------------------------------------------------------------------------
