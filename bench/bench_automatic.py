@@ -36,7 +36,7 @@ import masks
 from amg_reference import generate_reference
 from auto_masks import boxes_of, generate, pair_iou
 
-TUNING = ("astronaut", "coffee", "hubble", "groot", "tower", "cheetah", "lion")  # the last four: Gradio's sample photos
+TUNING = ("astronaut", "coffee", "hubble", "ihc", "groot", "tower", "cheetah", "lion")  # the last four: Gradio's photos
 HELD_OUT = ("chelsea", "rocket", "camera", "motorcycle", "coins")
 QUICK = ("astronaut", "chelsea")
 MATCH_IOU = 0.8
@@ -45,7 +45,7 @@ TARGET_S, TARGET_RATIO, TARGET_RECALL = 5.0, 12.0, 0.85
 
 
 GRADIO_PHOTOS = {"groot": "groot.jpeg", "tower": "tower.jpg", "cheetah": "cheetah.jpg", "lion": "lion.jpg"}
-SKIMAGE_NAMES = {"motorcycle": "stereo_motorcycle", "hubble": "hubble_deep_field"}
+SKIMAGE_NAMES = {"motorcycle": "stereo_motorcycle", "hubble": "hubble_deep_field", "ihc": "immunohistochemistry"}
 
 
 def photo(name: str) -> np.ndarray:

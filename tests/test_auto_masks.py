@@ -140,6 +140,17 @@ def test_a_point_inside_a_mask_that_looks_like_the_prompt_is_explained():
     assert guide.next_point() is None  # point 1 is explained by point 0: the pass is done
 
 
+def test_the_largest_output_explains_nothing_when_a_smaller_one_passed():
+    """Another coin on the tray looks just like the prompt's coin: it lies inside the tray's mask, still open."""
+    guide = _guide([[1.0, 0.0]] * 4)
+    guide.explore(0, *_outputs([0], [0, 1], [0, 1, 2, 3]))
+    assert guide.next_point() == 2
+    alone = _guide([[1.0, 0.0]] * 4)
+    logits, ious = _outputs([0, 1, 2, 3], [0], [0])
+    alone.explore(0, logits, np.array([0.9, 0.2, 0.2], np.float32))  # the only good output: it explains
+    assert alone.next_point() is None
+
+
 def test_poorly_rated_outputs_explain_nothing():
     guide = _guide([[1.0, 0.0]] * 4)
     guide.explore(0, *_outputs([0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], iou=0.3))
