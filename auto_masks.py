@@ -1,4 +1,4 @@
-"""Fast automatic masks from a SAM-family model: at most 128 prompts, each where something new may be.
+"""Fast automatic masks from a SAM-family model: at most 80 prompts, each where something new may be.
 
 SAM's standard generator decodes all 1024 points of a 32×32 grid (three masks each) and throws nearly all of
 them away as duplicates; on a CPU that is a minute or two per photo. Here the candidates are the same grid
@@ -50,7 +50,7 @@ STABILITY_OFFSET = 1.0
 MIN_AREA_FRACTION = 0.001  # masks smaller than 0.1 % of the image are specks
 NMS_IOU = 0.90  # low-res mask IoU from which a candidate repeats an accepted mask
 DUPLICATE_IOU = 0.95  # the guarantee at full size
-PROMPT_BUDGET = 128  # the most prompts a pass spends (a cluttered photo); the decoder is ~85 % of the time
+PROMPT_BUDGET = 80  # the most prompts a pass spends (a cluttered photo): 128 found 3 % more masks in 40 % more time
 GRID_SIDE = 32  # candidate points: SAM's own 32×32 grid
 EXPLORED_IOU = 0.70  # an output this well rated explains the points inside it that look like its prompt's
 EXPLAINED_SIMILARITY = 0.70  # cosine of two points' image embeddings from which they show the same thing
