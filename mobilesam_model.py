@@ -53,7 +53,8 @@ ENCODER_DEPTHS = (2, 2, 6, 2)
 ENCODER_HEADS = (2, 4, 5, 10)
 ENCODER_WINDOWS = (7, 7, 14, 7)
 # prompts per decoder pass: one. Each prompt's activations (~30 MB) then stay in the CPU's caches: measured
-# 28–33 ms per prompt one at a time against 37–40 ms in batches of 8–64 (onnxruntime, 2 threads)
+# 28–33 ms per prompt one at a time against 37–40 ms in batches of 8–64 (onnxruntime, 2 threads; a busy machine
+# can reverse that: one bench_mobilesam run gave 50 ms alone, 33–45 ms batched)
 DECODE_CHUNK = 1
 SHARED_KEPT = 4  # images whose per-image decoder part (mask_decoder_fast.Shared, ~14 MB each) is kept
 

@@ -34,15 +34,15 @@ CHECK_TOLERANCE = 1e-3
 GRAPH_VERSION = "g2"  # in the decoder's file name: a changed mask_decoder_fast gets exported afresh
 
 
-def _session(path: Path):
+def _session(path: Path, *, arena: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
-    # The arena keeps its peak, which is bounded: the encoder always sees one 1024² input and the decoder one
-    # prompt at a time (mobilesam_model.DECODE_CHUNK). Measured: an encoding 1.3 → 1.0 s, a prompt 32 → 29 ms.
-    options.enable_cpu_mem_arena = True
+    # An arena keeps its peak. The encoder's is bounded (always one 1024² input) and saves time (an encoding
+    # 1.3 → 1.0 s); the decoder's is not (GBs after one batch of 64 prompts), for ~5 % per prompt: off.
+    options.enable_cpu_mem_arena = arena
     # Idle worker threads sleep instead of spinning: a click alternates torch and onnxruntime work, and threads of
     # one spinning on 2 cores starve the other's (measured: a click 243 → 96 ms, an encoding 6.3 → 2.9 s, with
     # OMP_WAIT_POLICY=PASSIVE for torch's threads, set in mobilesam_model).
@@ -69,7 +69,7 @@ class OnnxEncoder:
 
     def __init__(self, path: Path):
         self.path = path
-        self.session = _session(path)
+        self.session = _session(path, arena=True)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         (features,) = self.session.run(None, {"pixels": np.ascontiguousarray(pixels.numpy())})
