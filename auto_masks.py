@@ -144,7 +144,7 @@ class Guide:
         own = self.features[point]
         good = [out > 0 for out, iou in zip(logits, ious) if iou >= EXPLORED_IOU]
         good.sort(key=lambda mask: int(np.count_nonzero(mask)))
-        for mask in good[: len(good) - 1] if len(good) > 1 else good:  # the largest explains nothing (docstring)
+        for mask in good[:-1] or good:  # the largest explains nothing when a smaller one passed (docstring)
             inside = np.flatnonzero(mask[self.rows, self.cols])
             if inside.size:
                 similar = self.features[inside] @ own

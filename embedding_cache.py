@@ -16,23 +16,16 @@ import hashlib
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Generic
 
 import numpy as np
 
+from byte_lru import ByteLru, V
+
 log = logging.getLogger("mask_studio.embeddings")
-
-
-class Sized(Protocol):
-    @property
-    def nbytes(self) -> int: ...
-
-
-V = TypeVar("V", bound=Sized)
 
 
 def image_key(rgb: np.ndarray) -> str:
@@ -54,32 +47,31 @@ class EmbeddingCache(Generic[V]):
     """Thread-safe LRU of values with an `nbytes`, bounded by their total bytes (at least one entry is kept)."""
 
     def __init__(self, max_bytes: int, *, disk: DiskStore | None = None):
-        self.max_bytes = int(max_bytes)
         self.disk = disk
-        self._items: OrderedDict[str, V] = OrderedDict()
-        self._bytes = 0
+        self._values: ByteLru[V] = ByteLru(max_bytes)
         self._pending: dict[str, _Pending] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # over _pending; taken before the LRU's own lock, never after it
+
+    @property
+    def max_bytes(self) -> int:
+        return self._values.max_bytes
 
     @property
     def nbytes(self) -> int:
-        with self._lock:
-            return self._bytes
+        return self._values.nbytes
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+        return len(self._values)
 
     def __contains__(self, key: str) -> bool:
-        with self._lock:
-            return key in self._items
+        return key in self._values
 
     def get(self, key: str, compute: Callable[[], V]) -> V:
         """The cached value for `key`, computing it once (other callers for the same key wait for it)."""
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
+        with self._lock:  # a value is put before its pending entry goes: one of the two is always seen
+            cached = self._values.get(key)
+            if cached is not None:
+                return cached
             pending = self._pending.get(key)
             owner = pending is None
             if owner:
@@ -97,7 +89,7 @@ class EmbeddingCache(Generic[V]):
             raise
         else:
             pending.value = value
-            self._put(key, value)
+            self._values.put(key, value)
             return value
         finally:
             with self._lock:
@@ -105,9 +97,7 @@ class EmbeddingCache(Generic[V]):
             pending.done.set()
 
     def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
+        self._values.clear()
 
     def _load_or_compute(self, key: str, compute: Callable[[], V]) -> V:
         if self.disk is not None:
@@ -118,14 +108,6 @@ class EmbeddingCache(Generic[V]):
         if self.disk is not None:
             self.disk.save(key, value)
         return value
-
-    def _put(self, key: str, value: V) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._bytes += value.nbytes
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.nbytes
 
 
 class DiskStore:

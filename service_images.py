@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
-from collections import OrderedDict
 
 import numpy as np
 
 import imaging
+from byte_lru import ByteLru
 from errors import InvalidInput
 from settings import Settings
 
@@ -58,24 +57,17 @@ class ImageStore:
 
     def __init__(self, max_bytes: int = DEFAULT_BYTES):
         self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._images: ByteLru[np.ndarray] = ByteLru(self.max_bytes)
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+        return len(self._images)
 
     def __contains__(self, sha256: str) -> bool:
-        with self._lock:
-            return sha256 in self._items
+        return sha256 in self._images
 
     def named(self, sha256: str) -> np.ndarray:
         """The image sent earlier with this hash, or UnknownImage."""
-        with self._lock:
-            image = self._items.get(sha256)
-            if image is not None:
-                self._items.move_to_end(sha256)
+        image = self._images.get(sha256)
         if image is None:
             raise UnknownImage(sha256)
         return image
@@ -104,12 +96,5 @@ class ImageStore:
     def _keep(self, sha256: str, image: np.ndarray) -> bool:
         if image.nbytes > self.max_bytes:
             return False
-        with self._lock:
-            if sha256 not in self._items:
-                self._items[sha256] = image
-                self._bytes += image.nbytes
-            self._items.move_to_end(sha256)
-            while self._bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.nbytes
+        self._images.put(sha256, image)
         return True
