@@ -131,11 +131,25 @@ def export_encoder(model, path: Path) -> None:
 
 def attach(model, models_dir: Path, checkpoint_sha256: str) -> bool:
     """Give `model` the onnxruntime decoder (exporting it once); False, with a log line, when torch stays."""
-    decoder = _load("decoder", cached_path(models_dir, checkpoint_sha256), export, OnnxDecoder, _check, model)
+    path = cached_path(models_dir, checkpoint_sha256)
+    decoder = _load("decoder", path, export, OnnxDecoder, _check, model)
     if decoder is None:
         return False
     model.onnx_decoder = decoder
+    _prune_older_graphs(path, checkpoint_sha256)
     return True
+
+
+def _prune_older_graphs(current: Path, checkpoint_sha256: str) -> None:
+    """Delete this checkpoint's decoder exports of earlier graph versions (and their check records): a changed
+    mask_decoder_fast writes a new file, and the old one would stay in models/ for good."""
+    for old in current.parent.glob(f"mobilesam_decoder_{checkpoint_sha256[:12]}*.onnx*"):
+        if old.name not in (current.name, current.name + ".checked"):
+            try:
+                old.unlink()
+                log.info("Removed %s: an export of an earlier decoder graph", old)
+            except OSError as exc:  # read-only folder, or gone meanwhile: harmless
+                log.debug("Could not remove %s: %s", old, exc)
 
 
 def attach_encoder(model, models_dir: Path, checkpoint_sha256: str) -> bool:

@@ -71,9 +71,19 @@ def test_the_onnxruntime_decoder_matches_torch_and_is_cached(models, emb, tmp_pa
 
     fast, plain = models
     on_ort = mobilesam_model.MobileSam(fast.net)
+    # an export of an earlier graph version, and one of another checkpoint: the first is replaced, not kept
+    stale = tmp_path / "mobilesam_decoder_0123456789ab_g1.onnx"
+    other = tmp_path / "mobilesam_decoder_feedfacefeed_g2.onnx"
+    for file in (
+        stale,
+        stale.with_name(stale.name + ".checked"),
+        tmp_path / "mobilesam_decoder_0123456789ab.onnx",
+        other,
+    ):
+        file.write_bytes(b"an older export")
     assert mobilesam_onnx.attach(on_ort, tmp_path, "0123456789abcdef")
     path = mobilesam_onnx.cached_path(tmp_path, "0123456789abcdef")
-    assert path.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".checked"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.name + ".checked", other.name])
     points = np.array([[[300.0, 200.0]], [[100.0, 350.0]], [[500.0, 50.0]]], np.float32)
     labels = np.ones((3, 1), np.int64)
     _same(on_ort.decode(emb, points, labels), plain.decode(emb, points, labels))
