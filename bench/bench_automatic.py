@@ -3,10 +3,10 @@
 Per photo (scikit-image's photos and four of Gradio's sample photos, resized so the longest side is 1024):
 the time of each, encoder included (for ours also the encoder's part and the prompts decoded: the ratio is
 about (encoder + 1024 prompts and their full-size work) / (encoder + our prompts)); the ratio; the masks each
-found; recall = the share of the standard
-generator's masks (≥ 0.1 % of the image) that one of ours matches at IoU ≥ 0.8. The tuning set (astronaut,
-coffee, hubble, ihc and Gradio's groot, tower, cheetah, lion) was used to tune the fast pass; the held-out set
-(chelsea, rocket, camera, motorcycle, coins) was only measured, and its figures are printed apart.
+found; recall = the share of the standard generator's masks (≥ 0.1 % of the image) that one of ours matches
+at IoU ≥ 0.8. The tuning set (astronaut, coffee, hubble, ihc and Gradio's groot, tower, cheetah, lion) was
+used to tune the fast pass; the held-out set (chelsea, rocket, camera, motorcycle, coins) was only measured,
+and its figures are printed apart.
 Both use the engine's runtimes (encoder and decoder on onnxruntime, the decoder one prompt at a time).
 Targets: ≤ 5 s median, ≥ 12× faster, recall ≥ 0.85.
 
