@@ -12,12 +12,17 @@ what no prompt changes (the first layer's key/value/query projections of the ima
 - the ×4 upscaling's transposed convolutions (kernel 2, stride 2: no overlap) as per-pixel matrix products in
   channels-last layout, the 256² layout restored only for the final logits.
 Outputs match the plain module within float32 rounding (tests compare them).
+A prompt can also be decoded in two stages (`transform`, then `upscale` only if wanted), with `lattice` giving
+the logits at every 4th low-res pixel (one per embedding position) for 1/16 of the upscaling's work: the
+automatic pass judges a prompt's masks on them and upscales only those that may be new (auto_masks).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -122,8 +127,9 @@ def _block(layer, queries, keys, tokens, shared: Shared, first: bool):
     return queries, keys
 
 
-def _upscale_logits(decoder, keys: torch.Tensor, weights: torch.Tensor, side: int) -> torch.Tensor:
-    """keys B×P×C (P = side²), mask weights B×M×C/8 → logits B×M×4side×4side (output_upscaling, then the dot)."""
+def upscale(decoder, keys: torch.Tensor, weights: torch.Tensor, side: int) -> torch.Tensor:
+    """keys B×P×C (P = side²), mask weights B×M×C/8 → logits B×M×4side×4side (output_upscaling, then the dot):
+    ~40 % of a prompt's work."""
     conv1, norm, _, conv2, _ = decoder.output_upscaling
     b = keys.shape[0]
     c1, c2 = conv1.out_channels, conv2.out_channels
@@ -139,8 +145,9 @@ def _upscale_logits(decoder, keys: torch.Tensor, weights: torch.Tensor, side: in
     return logits.reshape(b, m, 4 * side, 4 * side)
 
 
-def decode(decoder, shared: Shared, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt tokens N×T×C on one image → (logits N×4×4S×4S, predicted IoU N×4), as MaskDecoder.forward."""
+def transform(decoder, shared: Shared, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt tokens N×T×C on one image → the decoder up to its masks: (keys N×P×C: the image side after the
+    two-way transformer, mask weights N×4×C/8: the hypernetworks' outputs, predicted IoU N×4)."""
     n = sparse.shape[0]
     out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
     tokens = torch.cat([out_tokens.expand(n, -1, -1), sparse], dim=1)
@@ -152,4 +159,38 @@ def decode(decoder, shared: Shared, sparse: torch.Tensor) -> tuple[torch.Tensor,
     hs = transformer.norm_final_attn(queries + final)
     mlps = decoder.output_hypernetworks_mlps
     weights = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(mlps)], dim=1)
-    return _upscale_logits(decoder, keys, weights, shared.side), decoder.iou_prediction_head(hs[:, 0])
+    return keys, weights, decoder.iou_prediction_head(hs[:, 0])
+
+
+def lattice(decoder, keys: torch.Tensor, weights: torch.Tensor, side: int) -> torch.Tensor:
+    """The logits at the low-res pixels (4a, 4b) only: N×4×S×S, exactly upscale(...)
+    [..., ::4, ::4] for 1/16 of its work. Each low-res pixel depends on one embedding position alone (transposed
+    convolutions of kernel 2, stride 2; a per-pixel norm), so one kernel tap of each convolution gives it."""
+    conv1, norm, _, conv2, _ = decoder.output_upscaling
+    x = F.linear(keys, conv1.weight[:, :, 0, 0].t(), conv1.bias)
+    x = F.gelu(F.layer_norm(x, (conv1.out_channels,), norm.weight, norm.bias, norm.eps))
+    y = F.gelu(F.linear(x, conv2.weight[:, :, 0, 0].t(), conv2.bias))
+    logits = torch.matmul(y, weights.transpose(1, 2))  # N×P×M
+    return logits.transpose(1, 2).reshape(keys.shape[0], weights.shape[1], side, side)
+
+
+def decode(decoder, shared: Shared, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt tokens N×T×C on one image → (logits N×4×4S×4S, predicted IoU N×4), as MaskDecoder.forward."""
+    keys, weights, iou = transform(decoder, shared, sparse)
+    return upscale(decoder, keys, weights, shared.side), iou
+
+
+@dataclass
+class Staged:
+    """A prompt decoded in two stages (for the automatic pass): the predicted IoUs and the lattice logits now,
+    the full low-res logits only when asked for (`logits()`, computed once). Arrays are numpy, N×M(×…)."""
+
+    iou: np.ndarray  # N×M
+    lattice: np.ndarray  # N×M×S×S: the logits at low-res pixels (4a, 4b)
+    finish: Callable[[], np.ndarray]  # → the full low-res logits N×M×4S×4S
+    _logits: np.ndarray | None = None
+
+    def logits(self) -> np.ndarray:
+        if self._logits is None:
+            self._logits = self.finish()
+        return self._logits

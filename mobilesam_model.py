@@ -31,6 +31,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,6 +42,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+if TYPE_CHECKING:
+    import mask_decoder_fast
 
 IMAGE_SIZE = 1024  # the encoder's square input
 EMBED_SIZE = 64  # the embedding's side
@@ -494,6 +498,7 @@ class MobileSam:
         self.fast_decoder = fast_decoder
         self.onnx_decoder = None  # mobilesam_onnx.attach sets it: the fast decoder on onnxruntime
         self.onnx_encoder = None  # mobilesam_onnx.attach_encoder sets it: the image encoder on onnxruntime
+        self.onnx_staged = None  # mobilesam_onnx.attach sets it too: the decoder's two stages (decode_staged)
         self._shared: OrderedDict[int, tuple[torch.Tensor, object]] = OrderedDict()
         self._shared_lock = threading.Lock()
         for module in net.modules():
@@ -532,14 +537,7 @@ class MobileSam:
 
         points float32 N×K×2 (x, y), labels int N×K (1 include, 0 exclude, -1 padding), boxes float32 N×4
         (x0, y0, x1, y1); points or boxes may be None. Batched by DECODE_CHUNK prompts."""
-        sy = emb.input_size[0] / emb.original_size[0]
-        sx = emb.input_size[1] / emb.original_size[1]
-        scale = np.array([sx, sy], np.float32)
-        pts = None if points is None else torch.from_numpy(np.asarray(points, np.float32) * scale)
-        lab = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64))
-        box = None if boxes is None else torch.from_numpy(np.asarray(boxes, np.float32) * np.tile(scale, 2))
-        if pts is None and box is None:
-            raise ValueError("decode needs points or boxes")
+        pts, lab, box = self._scaled(emb, points, labels, boxes)
         n = pts.shape[0] if pts is not None else box.shape[0]  # type: ignore[union-attr]
         keep = slice(1, None) if multimask else slice(0, 1)
         logits, ious = [], []
@@ -555,6 +553,47 @@ class MobileSam:
                 logits.append(low[:, keep].numpy())
                 ious.append(iou[:, keep].numpy())
         return np.concatenate(logits), np.concatenate(ious)
+
+    @staticmethod
+    def _scaled(emb: Embedding, points, labels, boxes) -> tuple[torch.Tensor | None, ...]:
+        """decode's prompts as tensors, from original pixels to the model's input pixels."""
+        sy = emb.input_size[0] / emb.original_size[0]
+        sx = emb.input_size[1] / emb.original_size[1]
+        scale = np.array([sx, sy], np.float32)
+        pts = None if points is None else torch.from_numpy(np.asarray(points, np.float32) * scale)
+        lab = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64))
+        box = None if boxes is None else torch.from_numpy(np.asarray(boxes, np.float32) * np.tile(scale, 2))
+        if pts is None and box is None:
+            raise ValueError("decode needs points or boxes")
+        return pts, lab, box
+
+    @property
+    def staged_decoding(self) -> bool:
+        """Whether decode_staged saves work: the fast decoder, in torch or on its staged onnxruntime graphs (not
+        when only the one-stage graph runs on onnxruntime: torch's first stage would cost more than it saves)."""
+        return self.fast_decoder and (self.onnx_staged is not None or self.onnx_decoder is None)
+
+    def decode_staged(self, emb: Embedding, points: np.ndarray, labels: np.ndarray) -> mask_decoder_fast.Staged:
+        """decode(emb, points, labels) with multimask=True in two stages (mask_decoder_fast.Staged): predicted
+        IoUs N×3 and the logits at every 4th low-res pixel now, the full low-res logits when asked for."""
+        import mask_decoder_fast
+
+        pts, lab, _ = self._scaled(emb, points, labels, None)
+        decoder, shared = self.net.mask_decoder, self._shared_part(emb)
+        with torch.inference_mode():
+            sparse = self.net.prompt_encoder(pts, lab, None)
+            if self.onnx_staged is not None:
+                staged = self.onnx_staged
+                keys, weights, iou, lattice = staged.prompt(shared, sparse)
+                return mask_decoder_fast.Staged(iou[:, 1:], lattice[:, 1:], lambda: staged.masks(keys, weights[:, 1:]))
+            keys, weights, iou = mask_decoder_fast.transform(decoder, shared, sparse)
+            lattice = mask_decoder_fast.lattice(decoder, keys, weights[:, 1:], shared.side)
+
+        def finish() -> np.ndarray:
+            with torch.inference_mode():
+                return mask_decoder_fast.upscale(decoder, keys, weights[:, 1:], shared.side).numpy()
+
+        return mask_decoder_fast.Staged(iou[:, 1:].numpy(), lattice.numpy(), finish)
 
     def _decode(self, emb: Embedding, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         decoder = self.net.mask_decoder

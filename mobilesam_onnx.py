@@ -58,10 +58,26 @@ class OnnxDecoder:
         self.session = _session(path)
 
     def __call__(self, shared: mask_decoder_fast.Shared, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = (shared.src, shared.pe, shared.k1, shared.v1, shared.q1, sparse)
-        feed = {name: np.ascontiguousarray(t.numpy()) for name, t in zip(INPUTS, tensors, strict=True)}
-        logits, iou = self.session.run(None, feed)
+        logits, iou = self.session.run(None, _feed(shared, sparse))
         return torch.from_numpy(logits), torch.from_numpy(iou)
+
+
+class OnnxStaged:
+    """mask_decoder_fast's two stages on two sessions: `prompt` (Shared, sparse N×T×C → keys, mask weights,
+    predicted IoU N×4, lattice logits N×4×64²) and `masks` (keys, weights N×M×32 → logits N×M×256²)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.prompt_session = _session(path)
+        self.masks_session = _session(masks_path(path))
+
+    def prompt(self, shared: mask_decoder_fast.Shared, sparse: torch.Tensor) -> list[np.ndarray]:
+        return self.prompt_session.run(None, _feed(shared, sparse))
+
+    def masks(self, keys: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        feed = {"keys": keys, "weights": np.ascontiguousarray(weights)}
+        (logits,) = self.masks_session.run(None, feed)
+        return logits
 
 
 class OnnxEncoder:
@@ -76,6 +92,11 @@ class OnnxEncoder:
         return torch.from_numpy(features)
 
 
+def _feed(shared: mask_decoder_fast.Shared, sparse: torch.Tensor) -> dict[str, np.ndarray]:
+    tensors = (shared.src, shared.pe, shared.k1, shared.v1, shared.q1, sparse)
+    return {name: np.ascontiguousarray(t.numpy()) for name, t in zip(INPUTS, tensors, strict=True)}
+
+
 class _Graph(torch.nn.Module):
     def __init__(self, decoder, side: int):
         super().__init__()
@@ -85,9 +106,30 @@ class _Graph(torch.nn.Module):
         return mask_decoder_fast.decode(self.decoder, mask_decoder_fast.Shared(src, pe, k1, v1, q1, self.side), sparse)
 
 
+class _Prompt(_Graph):
+    def forward(self, src, pe, k1, v1, q1, sparse):
+        shared = mask_decoder_fast.Shared(src, pe, k1, v1, q1, self.side)
+        keys, weights, iou = mask_decoder_fast.transform(self.decoder, shared, sparse)
+        return keys, weights, iou, mask_decoder_fast.lattice(self.decoder, keys, weights, self.side)
+
+
+class _Masks(_Graph):
+    def forward(self, keys, weights):
+        return mask_decoder_fast.upscale(self.decoder, keys, weights, self.side)
+
+
 def cached_path(models_dir: Path, checkpoint_sha256: str) -> Path:
     """Where the decoder's export for this checkpoint is kept."""
     return Path(models_dir) / f"mobilesam_decoder_{checkpoint_sha256[:12]}_{GRAPH_VERSION}.onnx"
+
+
+def staged_path(models_dir: Path, checkpoint_sha256: str) -> Path:
+    """Where the staged decoder's first graph is kept (its second: masks_path of it)."""
+    return cached_path(models_dir, checkpoint_sha256).with_suffix(".prompt.onnx")
+
+
+def masks_path(staged: Path) -> Path:
+    return staged.with_name(staged.name.replace(".prompt.onnx", ".masks.onnx"))
 
 
 def encoder_path(models_dir: Path, checkpoint_sha256: str) -> Path:
@@ -108,18 +150,42 @@ def _write(path: Path, module: torch.nn.Module, args: tuple, **names) -> None:
         part.unlink(missing_ok=True)
 
 
-def export(model, path: Path) -> None:
-    """Write the decoder graph of `model` (a mobilesam_model.MobileSam) to `path` (batch and token axes free)."""
+def _example(model) -> tuple:
+    """Inputs of the decoder graphs to export with: a zero image, two prompts of two tokens."""
     emb_side = model._image_pe.shape[-1]
     features = torch.zeros(1, model._image_pe.shape[1], emb_side, emb_side)
     with torch.inference_mode():
         shared = mask_decoder_fast.share(model.net.mask_decoder, features, model._image_pe, model._dense)
     sparse = torch.zeros(2, 2, features.shape[1])
-    args = (shared.src, shared.pe, shared.k1, shared.v1, shared.q1, sparse)
+    return shared.src, shared.pe, shared.k1, shared.v1, shared.q1, sparse
+
+
+def export(model, path: Path) -> None:
+    """Write the decoder graph of `model` (a mobilesam_model.MobileSam) to `path` (batch and token axes free)."""
+    emb_side = model._image_pe.shape[-1]
+    args = _example(model)
     _write(
         path, _Graph(model.net.mask_decoder, emb_side), args,
         input_names=list(INPUTS), output_names=["logits", "iou"],
         dynamic_axes={"sparse": {0: "n", 1: "t"}, "logits": {0: "n"}, "iou": {0: "n"}},
+    )  # fmt: skip
+
+
+def export_staged(model, path: Path) -> None:
+    """Write the staged decoder's two graphs: `path` (the prompt stage) and masks_path(path) (the upscaling)."""
+    decoder, emb_side = model.net.mask_decoder, model._image_pe.shape[-1]
+    args = _example(model)
+    n = {0: "n"}
+    _write(
+        path, _Prompt(decoder, emb_side), args, input_names=list(INPUTS),
+        output_names=["keys", "weights", "iou", "lattice"],
+        dynamic_axes={"sparse": {0: "n", 1: "t"}, "keys": n, "weights": n, "iou": n, "lattice": n},
+    )  # fmt: skip
+    with torch.inference_mode():
+        keys, weights, _ = mask_decoder_fast.transform(decoder, mask_decoder_fast.Shared(*args[:5], emb_side), args[5])
+    _write(
+        masks_path(path), _Masks(decoder, emb_side), (keys, weights), input_names=["keys", "weights"],
+        output_names=["logits"], dynamic_axes={"keys": n, "weights": {0: "n", 1: "m"}, "logits": {0: "n", 1: "m"}},
     )  # fmt: skip
 
 
@@ -132,19 +198,23 @@ def export_encoder(model, path: Path) -> None:
 def attach(model, models_dir: Path, checkpoint_sha256: str) -> bool:
     """Give `model` the onnxruntime decoder (exporting it once); False, with a log line, when torch stays."""
     path = cached_path(models_dir, checkpoint_sha256)
-    decoder = _load("decoder", path, export, OnnxDecoder, _check, model)
+    decoder = _load("decoder", (path,), export, OnnxDecoder, _check, model)
     if decoder is None:
         return False
     model.onnx_decoder = decoder
-    _prune_older_graphs(path, checkpoint_sha256)
+    staged = (staged_path(models_dir, checkpoint_sha256), masks_path(staged_path(models_dir, checkpoint_sha256)))
+    one_stage = "MobileSAM's automatic pass decodes each prompt in one stage"
+    model.onnx_staged = _load("staged decoder", staged, export_staged, OnnxStaged, _check_staged, model, one_stage)
+    _prune_older_graphs((path, *staged), checkpoint_sha256)
     return True
 
 
-def _prune_older_graphs(current: Path, checkpoint_sha256: str) -> None:
+def _prune_older_graphs(current: tuple[Path, ...], checkpoint_sha256: str) -> None:
     """Delete this checkpoint's decoder exports of earlier graph versions (and their check records): a changed
-    mask_decoder_fast writes a new file, and the old one would stay in models/ for good."""
-    for old in current.parent.glob(f"mobilesam_decoder_{checkpoint_sha256[:12]}*.onnx*"):
-        if old.name not in (current.name, current.name + ".checked"):
+    mask_decoder_fast writes new files, and the old ones would stay in models/ for good."""
+    keep = {p.name for p in current} | {p.name + ".checked" for p in current}
+    for old in current[0].parent.glob(f"mobilesam_decoder_{checkpoint_sha256[:12]}*.onnx*"):
+        if old.name not in keep:
             try:
                 old.unlink()
                 log.info("Removed %s: an export of an earlier decoder graph", old)
@@ -155,52 +225,77 @@ def _prune_older_graphs(current: Path, checkpoint_sha256: str) -> None:
 def attach_encoder(model, models_dir: Path, checkpoint_sha256: str) -> bool:
     """Give `model` the onnxruntime image encoder (exporting it once); False, with a log line, when torch stays."""
     path = encoder_path(models_dir, checkpoint_sha256)
-    encoder = _load("image encoder", path, export_encoder, OnnxEncoder, _check_encoder, model)
+    encoder = _load("image encoder", (path,), export_encoder, OnnxEncoder, _check_encoder, model)
     if encoder is None:
         return False
     model.onnx_encoder = encoder
     return True
 
 
-def _load(part: str, path: Path, write: Callable, session: Callable, check: Callable, model):
-    """The checked session for one part of the model, exporting it first when its file is missing; None (and a
-    log line) when anything fails."""
+def _load(
+    part: str, paths: tuple[Path, ...], write: Callable, session: Callable, check: Callable, model, instead: str = ""
+):
+    """The checked session for one part of the model (its graph files: `paths`, the first named after it),
+    exporting it first when a file is missing; None (and a log line saying what runs `instead`: by default,
+    torch) when anything fails."""
+    path = paths[0]
     try:
-        if not path.is_file():
+        if not all(p.is_file() for p in paths):
             log.info("Exporting the MobileSAM %s for onnxruntime to %s (once) ...", part, path)
             write(model, path)
         loaded = session(path)
-        record, fingerprint = path.with_name(path.name + ".checked"), _fingerprint(path)
+        record, fingerprint = path.with_name(path.name + ".checked"), _fingerprint(paths)
         if not (record.is_file() and record.read_text() == fingerprint):
             check(model, loaded)
             record.write_text(fingerprint)
     except Exception as exc:  # noqa: BLE001 - any failure here only means: keep torch for this part
-        log.warning("MobileSAM runs its %s in torch: the onnxruntime one (%s) is unusable: %s", part, path, exc)
+        instead = instead or f"MobileSAM runs its {part} in torch"
+        log.warning("%s: the onnxruntime %s (%s) is unusable: %s", instead, part, path, exc)
         return None
     return loaded
 
 
-def _fingerprint(path: Path) -> str:
-    """What a check of this file vouches for: its bytes, and the runtimes that ran it."""
+def _fingerprint(paths: tuple[Path, ...]) -> str:
+    """What a check of these files vouches for: their bytes, and the runtimes that ran them."""
     import hashlib
 
     import onnxruntime
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = " ".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in paths)
     return f"sha256 {digest}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__}\n"
 
 
-def _check(model, decoder: OnnxDecoder) -> None:
-    """The session must give torch's answer on one prompt over a random embedding."""
+def _random_prompt(model) -> tuple[mask_decoder_fast.Shared, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     side = model._image_pe.shape[-1]
     features = torch.randn(1, model._image_pe.shape[1], side, side, generator=generator)
     with torch.inference_mode():
         shared = mask_decoder_fast.share(model.net.mask_decoder, features, model._image_pe, model._dense)
         sparse = model.net.prompt_encoder(torch.tensor([[[300.0, 500.0]]]), torch.tensor([[1]]), None)
+    return shared, sparse
+
+
+def _check(model, decoder: OnnxDecoder) -> None:
+    """The session must give torch's answer on one prompt over a random embedding."""
+    shared, sparse = _random_prompt(model)
+    with torch.inference_mode():
         expected, _ = mask_decoder_fast.decode(model.net.mask_decoder, shared, sparse)
     got, _ = decoder(shared, sparse)
     _compare("logits", got, expected)
+
+
+def _check_staged(model, staged: OnnxStaged) -> None:
+    """Both stages must give torch's answers (IoUs, lattice, logits) on one prompt over a random embedding."""
+    shared, sparse = _random_prompt(model)
+    decoder = model.net.mask_decoder
+    with torch.inference_mode():
+        keys, weights, iou = mask_decoder_fast.transform(decoder, shared, sparse)
+        lattice = mask_decoder_fast.lattice(decoder, keys, weights, shared.side)
+        logits = mask_decoder_fast.upscale(decoder, keys, weights, shared.side)
+    got_keys, got_weights, got_iou, got_lattice = staged.prompt(shared, sparse)
+    _compare("predicted IoUs", torch.from_numpy(got_iou), iou)
+    _compare("lattice logits", torch.from_numpy(got_lattice), lattice)
+    _compare("logits", torch.from_numpy(staged.masks(got_keys, got_weights)), logits)
 
 
 def _check_encoder(model, encoder: OnnxEncoder) -> None:

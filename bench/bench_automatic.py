@@ -120,6 +120,10 @@ class CountingModel:
         self.prompts += len(points)
         return self.model.decode(emb, points, *args, **kwargs)
 
+    def decode_staged(self, emb, points, *args, **kwargs):
+        self.prompts += len(points)
+        return self.model.decode_staged(emb, points, *args, **kwargs)
+
 
 def run_ours(model, image: np.ndarray, repeats: int = 1) -> tuple[float, float, float, int, list[np.ndarray]]:
     """(wall s, CPU s, encoder s, prompts, masks) of the fast pass, encoder included: the run of median wall

@@ -12,7 +12,9 @@ import pytest
 import masks as rle
 from amg_reference import generate_reference, grid_points
 from auto_masks import (
+    LATTICE_STEP,
     Guide,
+    _Pass,
     box_iou_matrix,
     box_nms,
     boxes_of,
@@ -157,6 +159,15 @@ def test_poorly_rated_outputs_explain_nothing():
     assert guide.next_point() == 1
 
 
+def test_a_prompt_spared_its_upscaling_explains_points_from_its_lattice():
+    """With step 4 the logits are the lattice's: the point at low-res column c is judged at lattice column c // 4."""
+    guide = Guide(np.arange(8), np.zeros(8), np.zeros(8, int), np.arange(8), np.ones((8, 1), np.float32), np.arange(8))
+    lattice = np.full((3, 1, 2), -5.0, np.float32)
+    lattice[0, 0, 0] = 5.0  # the sub-part covers lattice column 0: low-res columns 0-3
+    guide.explore(0, lattice, np.array([0.9, 0.1, 0.1], np.float32), step=4)
+    assert guide.next_point() == 4  # 1-3 explained; 4 is the first open point
+
+
 def test_embedding_at_takes_the_cell_under_each_point_at_unit_length():
     features = np.zeros((2, 4, 4), np.float32)
     features[:, 1, 2] = (3.0, 4.0)  # the cell at row 1, column 2 of a 4×4 map over a 64² input (16 px cells)
@@ -202,6 +213,43 @@ def records(model, embedded, astronaut):
 
 def _decoded(records: list[dict]) -> list[np.ndarray]:
     return [rle.decode(r["segmentation"]) for r in records]
+
+
+class OneStage:
+    """The same model through the pass's interface without its optional staged decoding."""
+
+    staged_decoding = False
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+def test_a_prompt_that_repeats_an_accepted_mask_is_not_upscaled(model, embedded, astronaut):
+    h, w = astronaut.shape[:2]
+    state = _Pass(model, embedded, h, w, max_masks=128)
+    _, _, step = state.prompt((256.0, 150.0))  # the face: new masks, judged on the upscaled logits
+    assert step == 1 and len(state.accepted) >= 1
+    accepted = len(state.accepted)
+    _, ious, step = state.prompt((256.0, 150.0))  # the same point again: its outputs repeat what was accepted
+    assert step == LATTICE_STEP and len(state.accepted) == accepted and ious.max() >= 0.86
+    _, _, step = state.prompt((100.0, 460.0))  # somewhere else (the suit): upscaled again
+    assert step == 1 and len(state.accepted) > accepted
+    assert state.prompts == 3
+
+
+def test_the_staged_pass_finds_what_the_one_stage_pass_finds(model, embedded, astronaut, records):
+    assert model.staged_decoding  # the records fixture ran staged
+    one_stage = _decoded(generate(OneStage(model), embedded, astronaut, max_masks=128))
+    staged = _decoded(records)
+    boxes = [boxes_of(m[None])[0] for m in staged]
+    found = sum(
+        any(pair_iou(m, boxes_of(m[None])[0], int(m.sum()), s, b, int(s.sum())) >= 0.8 for s, b in zip(staged, boxes))
+        for m in one_stage
+    )
+    assert found >= 0.9 * len(one_stage), (found, len(one_stage))
 
 
 def test_automatic_masks_are_deterministic(model, embedded, astronaut, records):

@@ -59,6 +59,18 @@ def test_a_box_with_a_point_matches_on_the_single_answer(models, emb):
     )
 
 
+def test_the_staged_decoder_gives_decode_s_answers(models, emb):
+    fast, _ = models
+    points, labels = np.array([[[300.0, 200.0]]], np.float32), np.ones((1, 1), np.int64)
+    logits, iou = fast.decode(emb, points, labels)
+    staged = fast.decode_staged(emb, points, labels)
+    assert fast.staged_decoding  # torch: the first stage costs no more than in the one-stage decoder
+    np.testing.assert_allclose(staged.iou, iou, atol=1e-5)
+    np.testing.assert_allclose(staged.lattice, logits[..., ::4, ::4], atol=1e-4)  # every 4th low-res pixel
+    np.testing.assert_allclose(staged.logits(), logits, atol=1e-4)
+    assert staged.logits() is staged.logits()  # upscaled once
+
+
 def test_the_per_image_part_is_reused_only_for_its_own_embedding(models, emb):
     fast, _ = models
     assert fast._shared_part(emb) is fast._shared_part(emb)
@@ -83,10 +95,18 @@ def test_the_onnxruntime_decoder_matches_torch_and_is_cached(models, emb, tmp_pa
         file.write_bytes(b"an older export")
     assert mobilesam_onnx.attach(on_ort, tmp_path, "0123456789abcdef")
     path = mobilesam_onnx.cached_path(tmp_path, "0123456789abcdef")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.name + ".checked", other.name])
+    staged = mobilesam_onnx.staged_path(tmp_path, "0123456789abcdef")
+    made = [path, staged, mobilesam_onnx.masks_path(staged)]
+    expected = [p.name for p in made] + [path.name + ".checked", staged.name + ".checked", other.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
     points = np.array([[[300.0, 200.0]], [[100.0, 350.0]], [[500.0, 50.0]]], np.float32)
     labels = np.ones((3, 1), np.int64)
-    _same(on_ort.decode(emb, points, labels), plain.decode(emb, points, labels))
+    logits, iou = plain.decode(emb, points, labels)
+    _same(on_ort.decode(emb, points, labels), (logits, iou))
+    assert on_ort.onnx_staged is not None and on_ort.staged_decoding
+    two = on_ort.decode_staged(emb, points[:1], labels[:1])
+    _same((two.logits(), two.iou), (logits[:1], iou[:1]))
+    np.testing.assert_allclose(two.lattice, two.logits()[..., ::4, ::4], atol=1e-4)
 
 
 def test_a_damaged_onnx_file_leaves_the_torch_decoder_in_charge(models, tmp_path, caplog):
@@ -97,3 +117,16 @@ def test_a_damaged_onnx_file_leaves_the_torch_decoder_in_charge(models, tmp_path
     assert not mobilesam_onnx.attach(model, tmp_path, "feedfacefeedface")
     assert model.onnx_decoder is None
     assert "decoder in torch" in caplog.text
+
+
+def test_a_damaged_staged_graph_leaves_the_automatic_pass_one_stage(models, tmp_path, caplog):
+    import mobilesam_onnx
+
+    digest = "0123456789abcdef"
+    assert mobilesam_onnx.attach(mobilesam_model.MobileSam(models[0].net), tmp_path, digest)
+    mobilesam_onnx.masks_path(mobilesam_onnx.staged_path(tmp_path, digest)).write_bytes(b"not an onnx graph")
+    model = mobilesam_model.MobileSam(models[0].net)
+    assert mobilesam_onnx.attach(model, tmp_path, digest)  # the one-stage decoder is still good
+    assert model.onnx_decoder is not None and model.onnx_staged is None
+    assert not model.staged_decoding  # the pass decodes in one stage on onnxruntime, not the first stage in torch
+    assert "staged decoder" in caplog.text and "one stage" in caplog.text
