@@ -243,13 +243,14 @@ class _Pass:
         the lattice showed that none of them can be accepted (module docstring, 4))."""
         pts = np.asarray([point], np.float32)[:, None, :]
         labels = np.ones((1, 1), np.int64)
-        if not getattr(self.model, "staged_decoding", False):
+        staged_decode = getattr(self.model, "decode_staged", None)
+        if staged_decode is None or not getattr(self.model, "staged_decoding", False):
             logits, iou = self.model.decode(self.emb, pts, labels, None, multimask=True)
             logits, iou = np.asarray(logits, np.float32), np.asarray(iou, np.float32)
             self.prompts += 1
             self._judge([point], logits, iou)
             return logits[0], iou[0], 1
-        staged = self.model.decode_staged(self.emb, pts, labels)
+        staged = staged_decode(self.emb, pts, labels)
         self.prompts += 1
         iou = np.asarray(staged.iou, np.float32)
         lattice = np.asarray(staged.lattice, np.float32)[0]

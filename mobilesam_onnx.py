@@ -175,6 +175,7 @@ def export_staged(model, path: Path) -> None:
     """Write the staged decoder's two graphs: `path` (the prompt stage) and masks_path(path) (the upscaling)."""
     decoder, emb_side = model.net.mask_decoder, model._image_pe.shape[-1]
     args = _example(model)
+    src, pe, k1, v1, q1, sparse = args
     n = {0: "n"}
     _write(
         path, _Prompt(decoder, emb_side), args, input_names=list(INPUTS),
@@ -182,7 +183,8 @@ def export_staged(model, path: Path) -> None:
         dynamic_axes={"sparse": {0: "n", 1: "t"}, "keys": n, "weights": n, "iou": n, "lattice": n},
     )  # fmt: skip
     with torch.inference_mode():
-        keys, weights, _ = mask_decoder_fast.transform(decoder, mask_decoder_fast.Shared(*args[:5], emb_side), args[5])
+        shared = mask_decoder_fast.Shared(src, pe, k1, v1, q1, emb_side)
+        keys, weights, _ = mask_decoder_fast.transform(decoder, shared, sparse)
     _write(
         masks_path(path), _Masks(decoder, emb_side), (keys, weights), input_names=["keys", "weights"],
         output_names=["logits"], dynamic_axes={"keys": n, "weights": {0: "n", 1: "m"}, "logits": {0: "n", 1: "m"}},
