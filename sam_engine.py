@@ -7,7 +7,8 @@ knows which model it drives (MobileSAM: mobilesam_engine; SAM 2: sam2_engine):
   boxes [N,4] | None, multimask=True) -> (low-res logits [N,3,L,L], predicted IoU [N,3])` (N×1 without multimask);
 - `to_full(emb, low_res [M,L,L]) -> logits [M,H,W]` at the original size (mask = logits > 0); a model may also
   have `full_masks(emb, low_res) -> bool [M,H,W]`, the same masks computed faster (prompts and the automatic
-  pass use it when present: auto_masks.full_masks).
+  pass use it when present: auto_masks.full_masks), and `staged_decoding` with `decode_staged` (the automatic
+  pass then upscales only the prompts whose outputs may be new masks: auto_masks).
 
 How prompts are answered:
 - one embedding per image, cached by the pixels' hash and shared by every session (embedding_cache), so after
