@@ -26,8 +26,8 @@ points, but a point is decoded only while it may still give a mask not seen yet:
    the upscaling to the 256² logits (~40 % of a prompt) runs only when one of the outputs may pass: it is rated
    high enough and is not, on at least LATTICE_MIN_PIXELS lattice pixels, clearly unstable or clearly a repeat
    of an accepted mask (thresholds with a margin over the real ones; measured on 8 photos, 52 % of the prompts
-   were spared the upscaling, and 1 of 629 a mask they would have given). Every prompt explains points from
-   its logits at their own low-res pixels (the first stage gives them exactly, for ~1/60 of the upscaling);
+   were spared the upscaling, and 1 of 629 a mask they would have given). A spared prompt explains points from
+   the lattice (its nearest pixel up and left);
 5. only the survivors are upscaled to full size and encoded as COCO RLE, every EMIT_EVERY prompts, so the
    gallery fills as they arrive; a final check at full size guarantees that no two records have IoU ≥ 0.95.
 The model interface used: `decode(emb, points [N,K,2] (x, y) in original pixels, labels [N,K], None,
@@ -35,9 +35,8 @@ multimask=True) -> (low_res_logits [N,3,L,L], iou_pred [N,3])`, `to_full(emb, lo
 `low_res_frame(emb) -> (rows, cols, x_scale, y_scale)`: where the image lies in the L×L logits (MobileSAM pads
 the image to a square, SAM 2 squashes it to one) and the scale from original to low-res pixels along x and y,
 and `point_features(emb, xs, ys) -> [N, C]`: the image embedding at those original pixels, unit length;
-optionally `staged_decoding` (bool) and `decode_staged(emb, points [1,1,2], labels [1,1], rows [G], cols [G])`
--> mask_decoder_fast.Staged (iou [1,3], lattice [1,3,L/4,L/4], at [1,3,G]: the logits at those low-res pixels,
-logits() -> [1,3,L,L]).
+optionally `staged_decoding` (bool) and `decode_staged(emb, points [1,1,2], labels [1,1])` ->
+mask_decoder_fast.Staged (iou [1,3], lattice [1,3,L/4,L/4], logits() -> [1,3,L,L]).
 The result depends only on the image (fixed order everywhere, no time budget): it is deterministic.
 """
 
@@ -101,8 +100,8 @@ def generate(
         point = guide.next_point()
         if point is None:
             break  # every candidate point is explained
-        at_points, areas, ious = state.prompt(guide.xy(point), guide.rows, guide.cols)
-        guide.explore(point, at_points, areas, ious)
+        logits, ious, step = state.prompt(guide.xy(point))
+        guide.explore(point, logits, ious, step)
         report(0.95 * state.prompts / PROMPT_BUDGET, f"{len(state.accepted)} masks found so far")
         if state.prompts % EMIT_EVERY == 0:
             records.extend(_deliver(state, cancel, on_masks))
@@ -152,15 +151,16 @@ class Guide:
         ties = np.flatnonzero(key == lowest)
         return int(ties[np.argmin(self.order[ties])])
 
-    def explore(self, point: int, at_points: np.ndarray, areas: np.ndarray, ious: np.ndarray) -> None:
-        """Record what decoding `point` gave: its outputs' logits at every candidate point's low-res pixel (3×G),
-        their areas (in any unit: only their order counts) and predicted IoUs."""
+    def explore(self, point: int, logits: np.ndarray, ious: np.ndarray, step: int = 1) -> None:
+        """Record what decoding `point` gave: its outputs' low-res logits (3×L×L, padding included) and IoUs; with
+        step > 1, the logits at every step-th low-res pixel only (the lattice: 3×L/step×L/step)."""
         self.done[point] = True
         own = self.features[point]
-        good = [k for k in range(len(ious)) if ious[k] >= EXPLORED_IOU]
-        good.sort(key=lambda k: areas[k])
-        for k in good[:-1] or good:  # the largest explains nothing when a smaller one passed (docstring)
-            inside = np.flatnonzero(at_points[k] > 0)
+        rows, cols = self.rows // step, self.cols // step
+        good = [out > 0 for out, iou in zip(logits, ious) if iou >= EXPLORED_IOU]
+        good.sort(key=lambda mask: int(np.count_nonzero(mask)))
+        for mask in good[:-1] or good:  # the largest explains nothing when a smaller one passed (docstring)
+            inside = np.flatnonzero(mask[rows, cols])
             if inside.size:
                 similar = self.features[inside] @ own
                 self.best[inside] = np.maximum(self.best[inside], similar)
@@ -228,7 +228,6 @@ class _Pass:
     pred_iou: float = PRED_IOU
     stability: float = STABILITY
     prompts: int = 0
-    upscaled: int = 0  # prompts of a staged decoder whose outputs were upscaled
     accepted: list[_Candidate] = field(default_factory=list)
     emitted: list[tuple[np.ndarray, list[int], int]] = field(default_factory=list)
     staged: list[_Candidate] = field(default_factory=list)
@@ -238,29 +237,28 @@ class _Pass:
         self.lh, self.lw, _, _ = self.model.low_res_frame(self.emb)
         self.min_area = MIN_AREA_FRACTION * self.lh * self.lw
 
-    def prompt(
-        self, point: tuple[float, float], rows: np.ndarray, cols: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Decode one include point and accept what passes → its three outputs' logits at the low-res pixels
-        (rows, cols) (3×G), their areas (in low-res pixels, or lattice pixels when the prompt was spared the
-        upscaling: module docstring, 4) and their predicted IoUs (3)."""
+    def prompt(self, point: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Decode one include point and accept what passes → (its outputs' logits, their predicted IoUs (3), the
+        step between the low-res pixels the logits are at: 1 when the outputs were upscaled, LATTICE_STEP when
+        the lattice showed that none of them can be accepted (module docstring, 4))."""
         pts = np.asarray([point], np.float32)[:, None, :]
         labels = np.ones((1, 1), np.int64)
-        self.prompts += 1
         staged_decode = getattr(self.model, "decode_staged", None)
         if staged_decode is None or not getattr(self.model, "staged_decoding", False):
             logits, iou = self.model.decode(self.emb, pts, labels, None, multimask=True)
-        else:
-            staged = staged_decode(self.emb, pts, labels, rows, cols)
-            iou = np.asarray(staged.iou, np.float32)
-            lattice = np.asarray(staged.lattice, np.float32)[0]
-            if not self._may_add(lattice, iou[0]):
-                return np.asarray(staged.at, np.float32)[0], np.count_nonzero(lattice > 0, axis=(1, 2)), iou[0]
-            logits = staged.logits()
-            self.upscaled += 1
-        logits, iou = np.asarray(logits, np.float32), np.asarray(iou, np.float32)
+            logits, iou = np.asarray(logits, np.float32), np.asarray(iou, np.float32)
+            self.prompts += 1
+            self._judge([point], logits, iou)
+            return logits[0], iou[0], 1
+        staged = staged_decode(self.emb, pts, labels)
+        self.prompts += 1
+        iou = np.asarray(staged.iou, np.float32)
+        lattice = np.asarray(staged.lattice, np.float32)[0]
+        if not self._may_add(lattice, iou[0]):
+            return lattice, iou[0], LATTICE_STEP
+        logits = np.asarray(staged.logits(), np.float32)
         self._judge([point], logits, iou)
-        return logits[0][:, rows, cols], np.count_nonzero(logits[0] > 0, axis=(1, 2)), iou[0]
+        return logits[0], iou[0], 1
 
     def _judge(self, points: list[tuple[float, float]], logits: np.ndarray, iou: np.ndarray) -> None:
         """Accept what passes among the outputs (N×3×L×L low-res logits, N×3 predicted IoUs) of `points`."""

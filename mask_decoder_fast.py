@@ -174,25 +174,6 @@ def lattice(decoder, keys: torch.Tensor, weights: torch.Tensor, side: int) -> to
     return logits.transpose(1, 2).reshape(keys.shape[0], weights.shape[1], side, side)
 
 
-def at_pixels(decoder, keys: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, side: int):
-    """The logits at the low-res pixels (rows[g], cols[g]) only: N×M×G, exactly upscale(...)[..., rows, cols], each
-    pixel from its one embedding position through the kernel taps that reach it."""
-    conv1, norm, _, conv2, _ = decoder.output_upscaling
-    c1, c2 = conv1.out_channels, conv2.out_channels
-    n, g = keys.shape[0], rows.shape[0]
-    x = keys[:, (rows // 4) * side + cols // 4]  # N×G×C
-    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, 4 * c1)  # columns (kh, kw, out)
-    x = F.linear(x, w1.t(), conv1.bias.repeat(4)).view(n, g, 4, c1)
-    tap1 = ((rows % 4) // 2) * 2 + (cols % 4) // 2  # the first convolution's tap (kh, kw) reaching the pixel
-    x = torch.gather(x, 2, tap1.view(1, g, 1, 1).expand(n, g, 1, c1)).squeeze(2)
-    x = F.gelu(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-    y = F.linear(x, w2.t(), conv2.bias.repeat(4)).view(n, g, 4, c2)
-    tap2 = (rows % 2) * 2 + cols % 2
-    y = F.gelu(torch.gather(y, 2, tap2.view(1, g, 1, 1).expand(n, g, 1, c2)).squeeze(2))
-    return torch.matmul(weights, y.transpose(1, 2))
-
-
 def decode(decoder, shared: Shared, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt tokens N×T×C on one image → (logits N×4×4S×4S, predicted IoU N×4), as MaskDecoder.forward."""
     keys, weights, iou = transform(decoder, shared, sparse)
@@ -206,7 +187,6 @@ class Staged:
 
     iou: np.ndarray  # N×M
     lattice: np.ndarray  # N×M×S×S: the logits at low-res pixels (4a, 4b)
-    at: np.ndarray  # N×M×G: the logits at the G low-res pixels asked for
     finish: Callable[[], np.ndarray]  # → the full low-res logits N×M×4S×4S
     _logits: np.ndarray | None = None
 

@@ -25,7 +25,6 @@ logits > 0.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading
@@ -574,12 +573,9 @@ class MobileSam:
         when only the one-stage graph runs on onnxruntime: torch's first stage would cost more than it saves)."""
         return self.fast_decoder and (self.onnx_staged is not None or self.onnx_decoder is None)
 
-    def decode_staged(
-        self, emb: Embedding, points: np.ndarray, labels: np.ndarray, rows: np.ndarray, cols: np.ndarray
-    ) -> mask_decoder_fast.Staged:
+    def decode_staged(self, emb: Embedding, points: np.ndarray, labels: np.ndarray) -> mask_decoder_fast.Staged:
         """decode(emb, points, labels) with multimask=True in two stages (mask_decoder_fast.Staged): predicted
-        IoUs N×3, the logits at every 4th low-res pixel and at the low-res pixels (rows, cols) now, the full
-        low-res logits when asked for."""
+        IoUs N×3 and the logits at every 4th low-res pixel now, the full low-res logits when asked for."""
         import mask_decoder_fast
 
         pts, lab, _ = self._scaled(emb, points, labels, None)
@@ -588,20 +584,16 @@ class MobileSam:
             sparse = self.net.prompt_encoder(pts, lab, None)
             if self.onnx_staged is not None:
                 staged = self.onnx_staged
-                keys, weights, iou, lattice, at = staged.prompt(shared, sparse, rows, cols)
-                rest = functools.partial(staged.masks, keys, weights[:, 1:])
-                return mask_decoder_fast.Staged(iou[:, 1:], lattice[:, 1:], at[:, 1:], rest)
+                keys, weights, iou, lattice = staged.prompt(shared, sparse)
+                return mask_decoder_fast.Staged(iou[:, 1:], lattice[:, 1:], lambda: staged.masks(keys, weights[:, 1:]))
             keys, weights, iou = mask_decoder_fast.transform(decoder, shared, sparse)
-            weights = weights[:, 1:]
-            lattice = mask_decoder_fast.lattice(decoder, keys, weights, shared.side)
-            r, c = torch.from_numpy(np.asarray(rows, np.int64)), torch.from_numpy(np.asarray(cols, np.int64))
-            at = mask_decoder_fast.at_pixels(decoder, keys, weights, r, c, shared.side)
+            lattice = mask_decoder_fast.lattice(decoder, keys, weights[:, 1:], shared.side)
 
         def finish() -> np.ndarray:
             with torch.inference_mode():
-                return mask_decoder_fast.upscale(decoder, keys, weights, shared.side).numpy()
+                return mask_decoder_fast.upscale(decoder, keys, weights[:, 1:], shared.side).numpy()
 
-        return mask_decoder_fast.Staged(iou[:, 1:].numpy(), lattice.numpy(), at.numpy(), finish)
+        return mask_decoder_fast.Staged(iou[:, 1:].numpy(), lattice.numpy(), finish)
 
     def _decode(self, emb: Embedding, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         decoder = self.net.mask_decoder

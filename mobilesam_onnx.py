@@ -67,19 +67,16 @@ class OnnxDecoder:
 
 
 class OnnxStaged:
-    """mask_decoder_fast's two stages on two sessions: `prompt` (Shared, sparse N×T×C, low-res pixels' rows and
-    columns G → keys, mask weights, predicted IoU N×4, lattice logits N×4×64², logits at the pixels N×4×G) and
-    `masks` (keys, weights N×M×32 → logits N×M×256²)."""
+    """mask_decoder_fast's two stages on two sessions: `prompt` (Shared, sparse N×T×C → keys, mask weights,
+    predicted IoU N×4, lattice logits N×4×64²) and `masks` (keys, weights N×M×32 → logits N×M×256²)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.prompt_session = _session(path)
         self.masks_session = _session(masks_path(path))
 
-    def prompt(self, shared: mask_decoder_fast.Shared, sparse: torch.Tensor, rows, cols) -> list[np.ndarray]:
-        feed = _feed(shared, sparse)
-        feed["rows"], feed["cols"] = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-        return self.prompt_session.run(None, feed)
+    def prompt(self, shared: mask_decoder_fast.Shared, sparse: torch.Tensor) -> list[np.ndarray]:
+        return self.prompt_session.run(None, _feed(shared, sparse))
 
     def masks(self, keys: np.ndarray, weights: np.ndarray) -> np.ndarray:
         feed = {"keys": keys, "weights": np.ascontiguousarray(weights)}
@@ -114,17 +111,10 @@ class _Graph(torch.nn.Module):
 
 
 class _Prompt(_Graph):
-    def forward(self, src, pe, k1, v1, q1, sparse, rows, cols):
+    def forward(self, src, pe, k1, v1, q1, sparse):
         shared = mask_decoder_fast.Shared(src, pe, k1, v1, q1, self.side)
         keys, weights, iou = mask_decoder_fast.transform(self.decoder, shared, sparse)
-        lattice = mask_decoder_fast.lattice(self.decoder, keys, weights, self.side)
-        return (
-            keys,
-            weights,
-            iou,
-            lattice,
-            mask_decoder_fast.at_pixels(self.decoder, keys, weights, rows, cols, self.side),
-        )
+        return keys, weights, iou, mask_decoder_fast.lattice(self.decoder, keys, weights, self.side)
 
 
 class _Masks(_Graph):
@@ -191,14 +181,10 @@ def export_staged(model, path: Path) -> None:
     args = _example(model)
     src, pe, k1, v1, q1, sparse = args
     n = {0: "n"}
-    pixels = (torch.tensor([0, 5, 255]), torch.tensor([3, 130, 254]))
     _write(
-        path, _Prompt(decoder, emb_side), (*args, *pixels), input_names=[*INPUTS, "rows", "cols"],
-        output_names=["keys", "weights", "iou", "lattice", "at"],
-        dynamic_axes={
-            "sparse": {0: "n", 1: "t"}, "rows": {0: "g"}, "cols": {0: "g"}, "keys": n, "weights": n, "iou": n,
-            "lattice": n, "at": {0: "n", 2: "g"},
-        },
+        path, _Prompt(decoder, emb_side), args, input_names=list(INPUTS),
+        output_names=["keys", "weights", "iou", "lattice"],
+        dynamic_axes={"sparse": {0: "n", 1: "t"}, "keys": n, "weights": n, "iou": n, "lattice": n},
     )  # fmt: skip
     with torch.inference_mode():
         shared = mask_decoder_fast.Shared(src, pe, k1, v1, q1, emb_side)
@@ -308,15 +294,13 @@ def _check_staged(model, staged: OnnxStaged) -> None:
     """Both stages must give torch's answers (IoUs, lattice, logits) on one prompt over a random embedding."""
     shared, sparse = _random_prompt(model)
     decoder = model.net.mask_decoder
-    rows, cols = torch.arange(0, 256, 3), torch.arange(255, -1, -3)  # every tap of both convolutions
     with torch.inference_mode():
         keys, weights, iou = mask_decoder_fast.transform(decoder, shared, sparse)
         lattice = mask_decoder_fast.lattice(decoder, keys, weights, shared.side)
         logits = mask_decoder_fast.upscale(decoder, keys, weights, shared.side)
-    got_keys, got_weights, got_iou, got_lattice, got_at = staged.prompt(shared, sparse, rows.numpy(), cols.numpy())
+    got_keys, got_weights, got_iou, got_lattice = staged.prompt(shared, sparse)
     _compare("predicted IoUs", torch.from_numpy(got_iou), iou)
     _compare("lattice logits", torch.from_numpy(got_lattice), lattice)
-    _compare("logits at pixels", torch.from_numpy(got_at), logits[:, :, rows, cols])
     _compare("logits", torch.from_numpy(staged.masks(got_keys, got_weights)), logits)
 
 

@@ -12,6 +12,7 @@ import pytest
 import masks as rle
 from amg_reference import generate_reference, grid_points
 from auto_masks import (
+    LATTICE_STEP,
     Guide,
     _Pass,
     box_iou_matrix,
@@ -116,11 +117,10 @@ def _guide(features, order=None):
 
 
 def _outputs(*covered_columns, width=4, iou=0.9):
-    """Three outputs' logits at the guide's points (3×width), their areas, their IoUs."""
-    at = np.full((3, width), -5.0, np.float32)
+    logits = np.full((3, 1, width), -5.0, np.float32)
     for k, cols in enumerate(covered_columns):
-        at[k, list(cols)] = 5.0
-    return at, np.count_nonzero(at > 0, axis=1), np.full(3, iou, np.float32)
+        logits[k, 0, list(cols)] = 5.0
+    return logits, np.full(3, iou, np.float32)
 
 
 def test_the_guide_starts_with_uncovered_points_in_coarse_to_fine_order():
@@ -148,8 +148,8 @@ def test_the_largest_output_explains_nothing_when_a_smaller_one_passed():
     guide.explore(0, *_outputs([0], [0, 1], [0, 1, 2, 3]))
     assert guide.next_point() == 2
     alone = _guide([[1.0, 0.0]] * 4)
-    at, areas, _ = _outputs([0, 1, 2, 3], [0], [0])
-    alone.explore(0, at, areas, np.array([0.9, 0.2, 0.2], np.float32))  # the only good output: it explains
+    logits, ious = _outputs([0, 1, 2, 3], [0], [0])
+    alone.explore(0, logits, np.array([0.9, 0.2, 0.2], np.float32))  # the only good output: it explains
     assert alone.next_point() is None
 
 
@@ -159,12 +159,13 @@ def test_poorly_rated_outputs_explain_nothing():
     assert guide.next_point() == 1
 
 
-def test_outputs_are_ordered_by_the_areas_given_not_by_the_points_they_cover():
-    """A prompt spared its upscaling gives its outputs' areas apart from their logits at the points."""
-    guide = _guide([[1.0, 0.0]] * 4)
-    at, _, ious = _outputs([0, 1, 2, 3], [0], [0, 1])
-    guide.explore(0, at, np.array([10, 900, 40]), ious)  # the second is the largest: the first explains all four
-    assert guide.next_point() is None
+def test_a_prompt_spared_its_upscaling_explains_points_from_its_lattice():
+    """With step 4 the logits are the lattice's: the point at low-res column c is judged at lattice column c // 4."""
+    guide = Guide(np.arange(8), np.zeros(8), np.zeros(8, int), np.arange(8), np.ones((8, 1), np.float32), np.arange(8))
+    lattice = np.full((3, 1, 2), -5.0, np.float32)
+    lattice[0, 0, 0] = 5.0  # the sub-part covers lattice column 0: low-res columns 0-3
+    guide.explore(0, lattice, np.array([0.9, 0.1, 0.1], np.float32), step=4)
+    assert guide.next_point() == 4  # 1-3 explained; 4 is the first open point
 
 
 def test_embedding_at_takes_the_cell_under_each_point_at_unit_length():
@@ -229,16 +230,13 @@ class OneStage:
 def test_a_prompt_that_repeats_an_accepted_mask_is_not_upscaled(model, embedded, astronaut):
     h, w = astronaut.shape[:2]
     state = _Pass(model, embedded, h, w, max_masks=128)
-    rows, cols = np.array([150 * 256 // 512, 0]), np.array([256 * 256 // 512, 0])  # the face's low-res pixel, a corner
-    at, _, _ = state.prompt((256.0, 150.0), rows, cols)  # the face: new masks, judged on the upscaled logits
-    assert state.upscaled == 1 and len(state.accepted) >= 1
+    _, _, step = state.prompt((256.0, 150.0))  # the face: new masks, judged on the upscaled logits
+    assert step == 1 and len(state.accepted) >= 1
     accepted = len(state.accepted)
-    again, _, ious = state.prompt((256.0, 150.0), rows, cols)  # the same point: its outputs repeat what was accepted
-    assert state.upscaled == 1 and len(state.accepted) == accepted and ious.max() >= 0.86
-    np.testing.assert_allclose(again, at, atol=1e-3)  # the first stage's logits at the pixels: the upscaled ones
-    assert (at[:, 0] > 0).any() and not (at[:, 1] > 0).any()  # the face is inside a mask, the corner in none
-    state.prompt((100.0, 460.0), rows, cols)  # somewhere else (the suit): upscaled again
-    assert state.upscaled == 2 and len(state.accepted) > accepted
+    _, ious, step = state.prompt((256.0, 150.0))  # the same point again: its outputs repeat what was accepted
+    assert step == LATTICE_STEP and len(state.accepted) == accepted and ious.max() >= 0.86
+    _, _, step = state.prompt((100.0, 460.0))  # somewhere else (the suit): upscaled again
+    assert step == 1 and len(state.accepted) > accepted
     assert state.prompts == 3
 
 

@@ -63,12 +63,10 @@ def test_the_staged_decoder_gives_decode_s_answers(models, emb):
     fast, _ = models
     points, labels = np.array([[[300.0, 200.0]]], np.float32), np.ones((1, 1), np.int64)
     logits, iou = fast.decode(emb, points, labels)
-    rows, cols = np.arange(0, 170, 2), np.arange(255, 0, -3)  # inside the coffee's frame, every tap of both kernels
-    staged = fast.decode_staged(emb, points, labels, rows, cols)
+    staged = fast.decode_staged(emb, points, labels)
     assert fast.staged_decoding  # torch: the first stage costs no more than in the one-stage decoder
     np.testing.assert_allclose(staged.iou, iou, atol=1e-5)
     np.testing.assert_allclose(staged.lattice, logits[..., ::4, ::4], atol=1e-4)  # every 4th low-res pixel
-    np.testing.assert_allclose(staged.at, logits[..., rows, cols], atol=1e-4)
     np.testing.assert_allclose(staged.logits(), logits, atol=1e-4)
     assert staged.logits() is staged.logits()  # upscaled once
 
@@ -106,11 +104,9 @@ def test_the_onnxruntime_decoder_matches_torch_and_is_cached(models, emb, tmp_pa
     logits, iou = plain.decode(emb, points, labels)
     _same(on_ort.decode(emb, points, labels), (logits, iou))
     assert on_ort.onnx_staged is not None and on_ort.staged_decoding
-    rows, cols = np.arange(0, 170, 2), np.arange(255, 0, -3)
-    two = on_ort.decode_staged(emb, points[:1], labels[:1], rows, cols)
+    two = on_ort.decode_staged(emb, points[:1], labels[:1])
     _same((two.logits(), two.iou), (logits[:1], iou[:1]))
     np.testing.assert_allclose(two.lattice, two.logits()[..., ::4, ::4], atol=1e-4)
-    np.testing.assert_allclose(two.at, two.logits()[..., rows, cols], atol=1e-4)
 
 
 def test_a_damaged_onnx_file_leaves_the_torch_decoder_in_charge(models, tmp_path, caplog):
