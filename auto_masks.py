@@ -276,8 +276,8 @@ class _Pass:
         rows, cols = -(-self.lh // LATTICE_STEP), -(-self.lw // LATTICE_STEP)
         for k in np.flatnonzero(iou >= self.pred_iou):
             coarse = lattice[k, :rows, :cols]
-            outer = np.count_nonzero(coarse > -STABILITY_OFFSET)
-            if outer >= LATTICE_MIN_PIXELS and np.count_nonzero(coarse > STABILITY_OFFSET) < LATTICE_UNSTABLE * outer:
+            unstable = stability_score(coarse[None], 0.0, STABILITY_OFFSET)[0] < LATTICE_UNSTABLE
+            if unstable and np.count_nonzero(coarse > -STABILITY_OFFSET) >= LATTICE_MIN_PIXELS:
                 continue
             if not self._repeats_coarse(coarse > 0):
                 return True

@@ -208,7 +208,8 @@ def attach(model, models_dir: Path, checkpoint_sha256: str) -> bool:
     if decoder is None:
         return False
     model.onnx_decoder = decoder
-    staged = (staged_path(models_dir, checkpoint_sha256), masks_path(staged_path(models_dir, checkpoint_sha256)))
+    first = staged_path(models_dir, checkpoint_sha256)
+    staged = (first, masks_path(first))
     one_stage = "MobileSAM's automatic pass decodes each prompt in one stage"
     model.onnx_staged = _load("staged decoder", staged, export_staged, OnnxStaged, _check_staged, model, one_stage)
     _prune_older_graphs((path, *staged), checkpoint_sha256)
