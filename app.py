@@ -265,10 +265,15 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     # What every handler returns first; handlers that open another image also empty the Download panel.
     shown = [p.state, p.composite, p.selection, p.painted, p.gallery]
     fresh = [*shown, p.downloads]
+    # Where an event's progress shows: never on a gallery. Gradio's page copies every component that was ever a
+    # progress target (by default: every output) at each status message of every later event, and copying a
+    # gallery of 100 thumbnails made each click on the picture ~50 ms slower.
     private: dict[str, Any] = {"api_visibility": "private"}
+    on_picture: dict[str, Any] = {**private, "show_progress_on": [p.composite]}
+    on_library: dict[str, Any] = {**private, "show_progress_on": [p.library]}
     # Quick picture edits: no spinner, and a refusal is a toast, not an "Error" badge over the picture.
-    quick: dict[str, Any] = {**private, "show_progress": "hidden"}
-    segment: dict[str, Any] = {"concurrency_id": "segment", "concurrency_limit": 2, **private}
+    quick: dict[str, Any] = {**private, "show_progress": "hidden", "show_progress_on": [p.selection]}
+    segment: dict[str, Any] = {"concurrency_id": "segment", "concurrency_limit": 2, **on_picture}
     paint_inputs = [p.state, p.color, p.opacity, p.background]
     watch = [p.pass_timer, p.pass_progress, p.pass_shown]  # the open image's automatic pass (SAM engines)
     library = [p.library, p.library_gallery, p.library_ids]  # its list, its thumbnails, their image ids
@@ -276,8 +281,7 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
         user_errors(h.on_upload),
         [p.upload, p.custom_id, p.state, p.background],
         [*fresh, *library, p.status, p.upload, p.custom_id, *watch],
-        show_progress_on=[p.upload],  # progress (and an error badge) on the upload box only, not on every output
-        **segment,
+        **{**segment, "show_progress_on": [p.upload]},  # progress (and an error badge) on the upload box only
     ).failure(lambda: None, None, p.upload, **private)  # the box is ready for another file
     # A click: the picture first, then the gallery's highlight (an update of the gallery costs Gradio tens of ms).
     picture = shown[:4]
@@ -285,7 +289,7 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
         h.on_highlight, [p.state], p.gallery, **quick
     )
     p.keep_object.click(user_errors(h.on_keep_object), paint_inputs, shown, **segment)
-    p.reset_points.click(user_errors(h.on_reset_points), [p.state, p.background], shown, **private)
+    p.reset_points.click(user_errors(h.on_reset_points), [p.state, p.background], shown, **on_picture)
     # The engine's and the bucket's health as last checked (in the background, never blocking the page).
     gr.Timer(STATUS_REFRESH_S).tick(status, None, p.status, **quick)
     p.mode.change(user_errors(h.on_mode), [p.state, p.mode, p.background], [*shown, p.object_buttons], **quick)
@@ -300,20 +304,20 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     p.dl_png.click(user_errors(h.on_download_png), [p.state, p.background], p.downloads, **private)
     for button, which in ((p.dl_coco_painted, "painted"), (p.dl_coco_all, "all")):
         button.click(functools.partial(user_errors(h.on_download_coco), which=which), [p.state], p.downloads, **private)
-    p.open_btn.click(user_errors(h.on_open), [p.library, p.state, p.background], [*fresh, *watch], **private)
+    p.open_btn.click(user_errors(h.on_open), [p.library, p.state, p.background], [*fresh, *watch], **on_library)
     pick_inputs = [p.library_ids, p.state, p.background]
-    p.library_gallery.select(user_errors(h.on_library_pick), pick_inputs, [*fresh, *watch, p.library], **private)
+    p.library_gallery.select(user_errors(h.on_library_pick), pick_inputs, [*fresh, *watch, p.library], **on_library)
     ticked = [p.gallery, p.pass_progress, p.pass_timer, p.pass_shown, p.library]
     p.pass_timer.tick(user_errors(h.on_pass_tick), [p.state, p.pass_shown], ticked, **quick)
     hide: dict[str, Any] = {"fn": lambda: gr.update(visible=False), "inputs": None, "outputs": p.confirm_row, **private}
     p.delete_btn.click(user_errors(h.on_ask_delete), [p.library, p.state], [p.confirm_row, p.confirm_text], **private)
     p.confirm_delete.click(
-        user_errors(h.on_delete), [p.library, p.state, p.background], [*fresh, *library], **private
+        user_errors(h.on_delete), [p.library, p.state, p.background], [*fresh, *library], **on_library
     ).then(**hide)
     p.cancel_delete.click(**hide)
     p.library.change(**hide)
     load_outputs = [p.browser_key, p.state, *library, p.status]
-    demo.load(user_errors(h.on_load), [p.browser_key, p.state], load_outputs, **private)
+    demo.load(user_errors(h.on_load), [p.browser_key, p.state], load_outputs, **on_library)
 
 
 def create_studio(settings: Settings) -> Studio:
