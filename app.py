@@ -271,8 +271,9 @@ def wire(demo: gr.Blocks, p: Page, h: PageHandlers, status: Callable[[], str]) -
     private: dict[str, Any] = {"api_visibility": "private"}
     on_picture: dict[str, Any] = {**private, "show_progress_on": [p.composite]}
     on_library: dict[str, Any] = {**private, "show_progress_on": [p.library]}
-    # Quick picture edits: no spinner, and a refusal is a toast, not an "Error" badge over the picture.
-    quick: dict[str, Any] = {**private, "show_progress": "hidden", "show_progress_on": [p.selection]}
+    # Quick picture edits: no spinner, and a refusal is a toast, not an "Error" badge over the picture. Their
+    # progress goes to the page's state, which is not drawn: no status tracker even ticks for them.
+    quick: dict[str, Any] = {**private, "show_progress": "hidden", "show_progress_on": [p.state]}
     segment: dict[str, Any] = {"concurrency_id": "segment", "concurrency_limit": 2, **on_picture}
     paint_inputs = [p.state, p.color, p.opacity, p.background]
     watch = [p.pass_timer, p.pass_progress, p.pass_shown]  # the open image's automatic pass (SAM engines)
