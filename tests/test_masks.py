@@ -84,3 +84,17 @@ def test_png_is_0_and_255():
     im = Image.open(BytesIO(rle.to_png(m)))
     assert im.size == (5, 4)
     np.testing.assert_array_equal(np.asarray(im), m.astype(np.uint8) * 255)
+
+
+def test_encode_matches_pycocotools_on_large_masks():
+    """Photo-sized masks: long runs (counts of several 5-bit groups) and deltas of either sign."""
+    rng = np.random.default_rng(11)
+    for h, w in ((3000, 2000), (1024, 4096), (4096, 4096)):
+        m = np.zeros((h, w), bool)
+        for _ in range(12):
+            y0, x0 = rng.integers(0, h), rng.integers(0, w)
+            m[y0 : y0 + rng.integers(1, h), x0 : x0 + rng.integers(1, w)] ^= True
+        ref = coco.encode(np.asfortranarray(m.astype(np.uint8)))
+        assert rle.encode(m)["counts"] == ref["counts"].decode("ascii")
+    ones = np.ones((4096, 4096), bool)  # one run of 2^24 after an empty 0-run
+    assert rle.encode(ones)["counts"] == coco.encode(np.asfortranarray(ones.astype(np.uint8)))["counts"].decode()
