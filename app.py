@@ -5,21 +5,25 @@ a public, named API endpoint for gradio_client (README "API"). The work is done 
 in page_state, its handlers in page_handlers, its texts in views, the endpoints in api, the service in studio.
 """
 
-import argparse
+import sys
+
+import commands
+
+if __name__ == "__main__" and commands.is_command(sys.argv[1:]):
+    raise SystemExit(commands.run(sys.argv[1:]))  # before the web framework's import (commands.py)
+
 import functools
 import logging
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-import legacy_import
 import render
-from access import EVERYONE, LOCAL_OWNER, Access, browser_secret
+from access import EVERYONE, Access, browser_secret
 from agent_tools import describe_endpoints
 from api import HEAVY, Endpoints
 from errors import MaskStudioError
@@ -384,32 +388,11 @@ def launch(settings: Settings, studio: Studio, *, prevent_thread_lock: bool = Fa
     return demo, launched
 
 
-def arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    """`python app.py` serves the app; `python app.py import-legacy PATH [--owner NAME]` imports old data."""
-    parser = argparse.ArgumentParser(prog="python app.py", description="Mask Studio: serve the app (no command).")
-    commands = parser.add_subparsers(dest="command")
-    old = commands.add_parser(
-        "import-legacy",
-        help="import the old backend's data.json (its JSON_DB_PATH) into this app's storage",
-        description="Import every image of the old backend's data.json with its id, date and masks; "
-        "ids already stored are skipped, so it can be run again.",
-    )
-    old.add_argument("path", help="the old backend's data.json")
-    old.add_argument("--owner", help=f"the owner to store the images under (default: {LOCAL_OWNER!r})")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = arguments(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        # .env from the folder it is started in, else the one next to app.py (what the README says).
-        dotenv = Path(".env") if Path(".env").is_file() else Path(__file__).with_name(".env")
-        settings = Settings.from_env(dotenv_path=dotenv)
-    except MaskStudioError as exc:
-        raise SystemExit(f"Configuration error: {exc.message}") from None
-    if args.command == "import-legacy":
-        raise SystemExit(legacy_import.run_cli(args.path, args.owner, settings))
+    argv = sys.argv[1:] if argv is None else argv
+    if commands.is_command(argv):
+        raise SystemExit(commands.run(argv))
+    _, settings = commands.start(argv)  # --help, an unknown argument or a configuration error ends here
     studio = create_studio(settings)
     log.info("Mask Studio: engine %s; data in %s", studio.segmenter.engine, settings.data_dir.resolve())
     try:

@@ -307,8 +307,8 @@ def test_masks_go_to_s3_when_it_is_configured(tmp_path, monkeypatch):
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------
-def run_app(*args, data_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATA_DIR": str(data_dir), "SEGMENTER": "builtin"}
+def run_app(*args, data_dir: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATA_DIR": str(data_dir), "SEGMENTER": "builtin", **extra_env}
     env.pop("S3_BUCKET_NAME_STAGING", None)
     return subprocess.run(
         [sys.executable, str(ROOT / "app.py"), *args], env=env, cwd=data_dir.parent, capture_output=True, text=True
@@ -344,6 +344,16 @@ def test_the_command_prints_a_summary_and_exits_with_what_happened(tmp_path):
 
     usage = run_app("import-legacy", data_dir=data_dir)
     assert usage.returncode == 2 and "the following arguments are required: path" in usage.stderr
+
+
+def test_the_command_starts_without_the_web_app(tmp_path):
+    """The import needs no web framework: importing gradio alone took ~6 s before the command even said its usage."""
+    usage = run_app("import-legacy", data_dir=tmp_path / "data", PYTHONPROFILEIMPORTTIME="1")
+    assert usage.returncode == 2 and "the following arguments are required: path" in usage.stderr
+    lines = [line for line in usage.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines}
+    assert "legacy_import" in imported and "settings" in imported  # what the command does use
+    assert not {name for name in imported if name.split(".")[0] in ("gradio", "fastapi", "torch")}
 
 
 def test_a_mask_without_area_or_bbox_gets_them_from_its_pixels(settings):
