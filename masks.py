@@ -52,12 +52,11 @@ def runs_of(mask: np.ndarray, bbox: list[int] | None = None) -> list[int]:
 def counts_to_string(counts: list[int]) -> str:
     """pycocotools' rleToString: LEB128-like 5-bit groups, deltas against counts[i-2]. In numpy: every count's
     groups side by side, the ones its value needs kept (a Python loop over the groups cost ~2 ms a mask)."""
-    x = np.asarray(counts, dtype=np.int64)
-    if x.size > 3:
-        x = x.copy()
-        x[3:] -= np.asarray(counts[1:-2], dtype=np.int64)
-    if x.size == 0:
+    given = np.asarray(counts, dtype=np.int64)
+    if given.size == 0:
         return ""
+    x = given.copy()
+    x[3:] -= given[1:-2]  # empty for three counts or fewer
     groups = max(1, -(-(int(np.abs(x).max()).bit_length() + 1) // 5))  # the widest value, its sign bit included
     shifts = 5 * np.arange(groups, dtype=np.int64)
     chunk = (x[:, None] >> shifts) & 0x1F
